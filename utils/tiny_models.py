@@ -60,7 +60,9 @@ def build_word_tokenizer(
     RoBERTa (``<s> a </s></s> b </s>``) special tokens and pair templates."""
     if style == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        names = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        names = dict(
+            pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
     elif style == "roberta":
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
         names = dict(
@@ -72,7 +74,9 @@ def build_word_tokenizer(
     tok = Tokenizer(models.WordLevel(unk_token=names["unk_token"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(texts), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(
+        list(texts), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
     cls, sep = names["cls_token"], names["sep_token"]
     cls_id, sep_id = tok.token_to_id(cls), tok.token_to_id(sep)
     if style == "bert":
@@ -83,7 +87,9 @@ def build_word_tokenizer(
         )
     else:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=[(cls, cls_id), (sep, sep_id)]
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} {sep} $B {sep}",
+            special_tokens=[(cls, cls_id), (sep, sep_id)],
         )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     if save_dir is not None:
