@@ -1,0 +1,205 @@
+"""DARE and its ablations: dropping (and rescaling) delta or fine-tuned parameters, tensor by tensor.
+
+Notation: θ_ft fine-tuned weights, θ_pre pre-trained weights, δ = θ_ft − θ_pre the delta ("task vector") and p the
+drop rate. For one tensor x, with m the drop mask (1 = dropped):
+
+* random (DARE):        m_j ~ Bernoulli(p) independently;        x̃ = (1 − m) ⊙ x
+* magnitude:            k = int(numel · p), t = k-th smallest |x|; m_j = [|x_j| ≤ t]   (k = 0: nothing dropped)
+* rescale:              x̃ ← x̃ / (1 − p)   (skipped at p = 1, where everything is dropped)
+
+``delta_weight`` (DARE proper) returns θ_pre + x̃ with x = δ; ``finetuned_weight`` masks θ_ft itself (dropped weights
+become 0, not their pre-trained value). DropOnly = random without rescale.
+
+Randomness is order-independent: the mask of each tensor comes from its own CPU ``torch.Generator`` seeded from
+``(seed, model index, parameter name)`` by SHA-256, so the bytes of the result depend on neither the processing
+order, the subset of tensors processed, the thread count nor the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+MASK_STRATEGIES = ("random", "magnitude")
+WEIGHT_FORMATS = ("delta_weight", "finetuned_weight")
+
+
+def check_mask_rate(mask_rate: float, what: str = "mask_rate") -> float:
+    """Return ``mask_rate`` as a float, or raise ``ValueError`` when it is not a finite number in [0, 1]."""
+    rate = float(mask_rate)
+    if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"{what} must be in [0, 1], got {mask_rate}")
+    return rate
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the arithmetic runs in: float32 for every float dtype up to 32 bits, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stable_seed(seed: int, name: str, model_index: int | None = None) -> int:
+    """A 63-bit seed from SHA-256 of ``(seed, model_index, name)``: stable across processes, platforms and runs."""
+    key = f"{int(seed)}\x00{'' if model_index is None else int(model_index)}\x00{name}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, name: str, model_index: int | None = None) -> torch.Generator:
+    """The CPU generator that draws the DARE mask of parameter ``name`` (of model ``model_index``)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(stable_seed(seed, name, model_index))
+    return gen
+
+
+def is_excluded(name: str, exclude_param_names_regex: Iterable[str]) -> bool:
+    """True when any regex matches ``name`` with ``re.match`` semantics (anchored at the start)."""
+    return any(re.match(pattern, name) for pattern in exclude_param_names_regex)
+
+
+def mask_input_with_mask_rate(
+    input_tensor: torch.Tensor,
+    mask_rate: float,
+    use_rescale: bool,
+    mask_strategy: str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Drop entries of one tensor and optionally rescale the survivors (see the module docstring for formulas).
+
+    ``random``: each entry is dropped independently with probability ``mask_rate``; the uniform draws come from
+    ``generator`` (a CPU generator; the global CPU RNG when None) and always on the CPU, so the mask does not depend
+    on the device. ``magnitude``: per tensor, the entries with |x| at or below the k-th smallest |x| are dropped,
+    k = int(numel · mask_rate) (ties at the threshold are dropped too, as in the original; k = 0 drops nothing).
+    With ``use_rescale`` survivors are divided by (1 − mask_rate), except at mask_rate = 1 where all is zero.
+    The arithmetic runs in float32 and the result has the input's dtype and device. The input is not modified.
+    """
+    rate = check_mask_rate(mask_rate)
+    if mask_strategy not in MASK_STRATEGIES:
+        raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {mask_strategy!r}")
+    x = input_tensor.detach().to(compute_dtype(input_tensor.dtype))
+    if mask_strategy == "random":
+        uniform = torch.rand(x.shape, generator=generator, device="cpu", dtype=torch.float32)
+        keep = (uniform >= rate).to(x.device)
+    else:
+        k = int(x.numel() * rate)
+        if k == 0:
+            keep = torch.ones_like(x, dtype=torch.bool)
+        else:
+            threshold = x.abs().flatten().kthvalue(k).values
+            keep = x.abs() > threshold
+    out = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if use_rescale and rate != 1.0:
+        out = out / torch.tensor(1.0 - rate, dtype=x.dtype, device=x.device)
+    return out.to(input_tensor.dtype)
+
+
+def mask_tensor(
+    name: str,
+    finetuned_tensor: torch.Tensor,
+    pretrained_tensor: torch.Tensor | None,
+    *,
+    weight_format: str = "delta_weight",
+    weight_mask_rate: float = 0.0,
+    use_weight_rescale: bool = True,
+    mask_strategy: str = "random",
+    seed: int = 0,
+    model_index: int | None = None,
+) -> torch.Tensor:
+    """DARE (or an ablation) of one named tensor; the building block of :func:`mask_model_weights`.
+
+    ``delta_weight``: θ_pre + mask(θ_ft − θ_pre); ``finetuned_weight``: mask(θ_ft). Rate 0 returns θ_ft unchanged.
+    The random mask is drawn from :func:`tensor_generator` ``(seed, name, model_index)``. Result dtype = θ_ft's.
+    """
+    rate = check_mask_rate(weight_mask_rate, "weight_mask_rate")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if rate == 0.0:
+        return finetuned_tensor
+    generator = tensor_generator(seed, name, model_index) if mask_strategy == "random" else None
+    if weight_format == "finetuned_weight":
+        return mask_input_with_mask_rate(finetuned_tensor, rate, use_weight_rescale, mask_strategy, generator)
+    if pretrained_tensor is None:
+        raise ValueError(f"parameter {name}: delta_weight masking needs the pretrained tensor")
+    if pretrained_tensor.shape != finetuned_tensor.shape:
+        raise ValueError(
+            f"parameter {name}: shape {tuple(finetuned_tensor.shape)} in the fine-tuned model but "
+            f"{tuple(pretrained_tensor.shape)} in the pretrained model"
+        )
+    cdtype = compute_dtype(finetuned_tensor.dtype)
+    pre = pretrained_tensor.detach().to(device=finetuned_tensor.device, dtype=cdtype)
+    delta = finetuned_tensor.detach().to(cdtype) - pre
+    masked = mask_input_with_mask_rate(delta, rate, use_weight_rescale, mask_strategy, generator)
+    return (pre + masked).to(finetuned_tensor.dtype)
+
+
+def check_same_parameters(
+    models: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str] | None = None
+) -> list[str]:
+    """Check that all state dicts have the same names and shapes; return the names (first model's order).
+
+    Raises ``ValueError`` naming the parameter and the models when they differ, or when the list is empty.
+    """
+    if len(models) == 0:
+        raise ValueError("no models given (the list of models to merge is empty)")
+    labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
+    names = list(models[0].keys())
+    reference = set(names)
+    for label, model in zip(labels[1:], models[1:]):
+        missing = reference - set(model.keys())
+        extra = set(model.keys()) - reference
+        if missing:
+            raise ValueError(f"parameter {sorted(missing)[0]} is in {labels[0]} but missing in {label}")
+        if extra:
+            raise ValueError(f"parameter {sorted(extra)[0]} is in {label} but missing in {labels[0]}")
+        for name in names:
+            if model[name].shape != models[0][name].shape:
+                raise ValueError(
+                    f"parameter {name}: shape {tuple(models[0][name].shape)} in {labels[0]} but "
+                    f"{tuple(model[name].shape)} in {label}"
+                )
+    return names
+
+
+def mask_model_weights(
+    finetuned: Mapping[str, torch.Tensor],
+    pretrained: Mapping[str, torch.Tensor] | None,
+    weight_format: str = "delta_weight",
+    weight_mask_rate: float = 0.0,
+    use_weight_rescale: bool = True,
+    mask_strategy: str = "random",
+    exclude_param_names_regex: Iterable[str] = (),
+    seed: int = 0,
+    model_index: int | None = None,
+) -> StateDict:
+    """DARE on a whole model: :func:`mask_tensor` applied to every parameter not excluded.
+
+    Returns a new dict ``name → tensor`` with the fine-tuned model's names; excluded names (``re.match``) are returned
+    unchanged. ``pretrained`` may be None only for ``finetuned_weight``.
+    """
+    check_mask_rate(weight_mask_rate, "weight_mask_rate")
+    exclude = tuple(exclude_param_names_regex)
+    if weight_format == "delta_weight":
+        if pretrained is None:
+            raise ValueError("delta_weight masking needs the pretrained model")
+        check_same_parameters([finetuned, pretrained], ["the fine-tuned model", "the pretrained model"])
+    result: StateDict = {}
+    for name, tensor in finetuned.items():
+        if is_excluded(name, exclude):
+            result[name] = tensor
+            continue
+        result[name] = mask_tensor(
+            name,
+            tensor,
+            None if pretrained is None else pretrained[name],
+            weight_format=weight_format,
+            weight_mask_rate=weight_mask_rate,
+            use_weight_rescale=use_weight_rescale,
+            mask_strategy=mask_strategy,
+            seed=seed,
+            model_index=model_index,
+        )
+    return result
