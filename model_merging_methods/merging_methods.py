@@ -31,6 +31,7 @@ from model_merging_methods.mask_weights_utils import (
     check_same_parameters,
     compute_dtype,
     is_excluded,
+    keep_where,
     mask_tensor,
 )
 
@@ -177,7 +178,7 @@ def _trimmed_task_vectors(
     out = []
     for t, threshold in zip(finetuned_tensors, thresholds):
         tau = t.detach().to(cdtype) - pre
-        out.append(torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=cdtype)))
+        out.append(keep_where(tau.abs() >= threshold, tau))
     return out
 
 
@@ -203,10 +204,49 @@ def ties_merge_tensor(
     s < 0; τ = Σ kept / max(1, #kept); θ = θ_pre + λ τ.
     """
     trimmed = torch.stack(_trimmed_task_vectors(pretrained_tensor, finetuned_tensors, thresholds))
-    sign = torch.sign(trimmed.sum(0))
-    sign = torch.where(sign == 0, torch.tensor(float(majority_sign), dtype=sign.dtype), sign)
-    agree = ((sign > 0) & (trimmed > 0)) | ((sign < 0) & (trimmed < 0))
-    kept = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype))
+    elected = torch.sign(trimmed.sum(0))
+    return _ties_disjoint_merge(pretrained_tensor, trimmed, elected, scaling_coefficient, majority_sign)
+
+
+def ties_merge_tensor_both_majorities(
+    pretrained_tensor: torch.Tensor,
+    finetuned_tensors: Sequence[torch.Tensor],
+    thresholds: Sequence[float],
+    scaling_coefficient: float,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TIES of one tensor for a majority sign that is not known yet (a streamed merge learns it at the end).
+
+    Returns ``(sign_sum, merged_plus, index, minus_values)``: ``sign_sum = ties_sign_sum(...)``, ``merged_plus =
+    ties_merge_tensor(..., majority_sign=+1)``, and ``merged_plus`` with ``flatten()[index] = minus_values`` is
+    ``ties_merge_tensor(..., majority_sign=-1)``. The majority sign matters only where the elected sign is 0 while
+    some τ̂_i ≠ 0 (exact cancellations), so the m = −1 values are computed there only (element-wise, same bytes).
+    """
+    trimmed = torch.stack(_trimmed_task_vectors(pretrained_tensor, finetuned_tensors, thresholds))
+    elected = torch.sign(trimmed.sum(0))
+    plus = _ties_disjoint_merge(pretrained_tensor, trimmed, elected, scaling_coefficient, 1.0)
+    flat = trimmed.reshape(trimmed.shape[0], -1)
+    index = ((elected.reshape(-1) == 0) & (flat != 0).any(0)).nonzero().reshape(-1)
+    minus = _ties_disjoint_merge(
+        pretrained_tensor.reshape(-1)[index],
+        flat[:, index],
+        elected.reshape(-1)[index],
+        scaling_coefficient,
+        -1.0,
+    )
+    return int(elected.sum().item()), plus, index, minus
+
+
+def _ties_disjoint_merge(
+    pretrained_tensor: torch.Tensor,
+    trimmed: torch.Tensor,
+    elected: torch.Tensor,
+    scaling_coefficient: float,
+    majority_sign: float,
+) -> torch.Tensor:
+    sign = torch.where(elected == 0, torch.tensor(float(majority_sign), dtype=elected.dtype), elected)
+    # the entries whose sign agrees with the elected one: ((s > 0) & (τ̂ > 0)) | ((s < 0) & (τ̂ < 0)), in one op
+    agree = trimmed * sign > 0
+    kept = keep_where(agree, trimmed)
     merged = kept.sum(0) / agree.sum(0).clamp(min=1).to(trimmed.dtype)
     pre = pretrained_tensor.detach().to(trimmed.dtype)
     return (pre + scaling_coefficient * merged).to(pretrained_tensor.dtype)

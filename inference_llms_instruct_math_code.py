@@ -1,0 +1,212 @@
+"""Evaluate one decoder LLM on AlpacaEval, GSM8K, MATH, HumanEval or MBPP, optionally after DARE (spec §2.4).
+
+    python inference_llms_instruct_math_code.py --finetuned_model_name WizardMath-7B-V1.0 --dataset_name gsm8k \\
+        [--weight_mask_rate 0.9 --use_weight_rescale] [--inference_backend auto|vllm|hf] [--resume]
+
+* ``--weight_mask_rate 0`` (the default here; the original defaulted to 0.1): plain inference of the model.
+* rate > 0: the model's delta against its backbone is DARE'd tensor by tensor
+  (``model_merging_methods.streaming.stream_mask_model``) into ``--save_model_path`` (default
+  ``save_models/{dataset}/{save_name}``), which is then evaluated (and kept unless ``--remove_saved_model``).
+* ``WizardLM-7B-V1.0`` is released as a weight delta: it is first recovered as llama-7b + delta
+  (``stream_recover_from_delta``) into ``--recovered_model_path``.
+
+Models: registry short names (see ``utils/llm_registry.py``), hub ids or local folders. Outputs go to
+``{--output_dir}/{dataset}/{save_name}/`` (generations.jsonl, harness files, results.json, run.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from utils.cli import UserError, check_rate, run_main, setup_logging
+from utils.llm_evaluation import (
+    add_evaluation_args,
+    all_generations_done,
+    check_data,
+    evaluate_model,
+    summary,
+)
+from utils.llm_registry import DELTA_RELEASED, FINETUNED_HUB_IDS, backbone_of, hub_id, pad_token_for
+from utils.math_code_data import DATASET_NAMES
+
+logger = logging.getLogger("inference_llms")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Evaluate one LLM (optionally after DARE) on an instruct/math/code set"
+    )
+    p.add_argument(
+        "--finetuned_model_name",
+        default="WizardLM-13B-V1.2",
+        help="registry short name (" + ", ".join(FINETUNED_HUB_IDS) + "), hub id or local folder",
+    )
+    p.add_argument(
+        "--pretrained_model_name",
+        default=None,
+        help="backbone for DARE / delta recovery (default: the registry's backbone of the model)",
+    )
+    p.add_argument("--dataset_name", default="alpaca_eval", choices=DATASET_NAMES)
+    p.add_argument("--weight_format", default="delta_weight", choices=("finetuned_weight", "delta_weight"))
+    p.add_argument(
+        "--weight_mask_rate", type=float, default=0.0, help="DARE drop rate p (0 = plain inference)"
+    )
+    p.add_argument("--use_weight_rescale", action="store_true", help="rescale kept entries by 1/(1-p)")
+    p.add_argument("--mask_strategy", default="random", choices=("random", "magnitude"))
+    p.add_argument(
+        "--wizardcoder_use_llama2_as_backbone",
+        action="store_true",
+        help="ablation: WizardCoder-Python-7B/13B deltas against Llama-2 instead of CodeLlama-Python",
+    )
+    p.add_argument("--seed", type=int, default=0, help="DARE seed (0 as in the original)")
+    p.add_argument(
+        "--save_model_path",
+        default=None,
+        help="where the DARE'd model is written (default save_models/{dataset}/{save_name})",
+    )
+    p.add_argument(
+        "--remove_saved_model",
+        action="store_true",
+        help="delete the DARE'd model folder after evaluation (the original always did)",
+    )
+    p.add_argument(
+        "--recovered_model_path",
+        default=None,
+        help="WizardLM-7B-V1.0 only: folder of the recovered model (default "
+        "save_models/WizardLM-7B-V1.0-recovered); reused when it exists",
+    )
+    p.add_argument(
+        "--output_dir", default="save_llm_eval_results", help="root of the generation/results folders"
+    )
+    add_evaluation_args(p)
+    return p.parse_args(argv)  # fmt: skip
+
+
+def display_name(name_or_path: str) -> str:
+    """Short model name used in save names: the registry name, else the folder's / hub id's last part."""
+    return name_or_path if name_or_path in FINETUNED_HUB_IDS else Path(name_or_path.rstrip("/")).name
+
+
+def make_save_name(model: str, args: argparse.Namespace) -> str:
+    """The original's save name (§2.4 step 1), plus ``_seed_{s}`` for a non-zero seed."""
+    rate = args.weight_mask_rate
+    if rate == 0.0:
+        return f"{model}_inference_mask_{rate}"
+    name = f"{model}_inference_mask_{rate}_rescale_{args.use_weight_rescale}"
+    if args.mask_strategy == "magnitude":
+        name += "_strategy_magnitude"
+    if args.weight_format == "finetuned_weight":
+        name += "_weight_format_finetuned_weight"
+    if args.wizardcoder_use_llama2_as_backbone:
+        name += "_llama_2_as_backbone"
+    if args.seed != 0:
+        name += f"_seed_{args.seed}"
+    return name
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A model folder for generation: the streaming helper's resolver when present, else the local folder or the
+    registry's hub id (which vLLM / transformers download when online)."""
+    try:
+        from model_merging_methods.streaming import resolve_model_path
+    except ImportError:
+        resolve_model_path = None
+    if resolve_model_path is not None:
+        return str(resolve_model_path(name_or_path))
+    return name_or_path if Path(name_or_path).is_dir() else hub_id(name_or_path)
+
+
+def _streaming():
+    try:
+        from model_merging_methods import streaming
+    except ImportError as exc:
+        raise UserError(f"DARE and delta recovery need model_merging_methods.streaming ({exc})") from exc
+    return streaming
+
+
+def _complete_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    check_rate("--weight_mask_rate", args.weight_mask_rate)
+    name = args.finetuned_model_name
+    try:
+        backbone = args.pretrained_model_name or backbone_of(name, args.wizardcoder_use_llama2_as_backbone)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if args.wizardcoder_use_llama2_as_backbone and args.pretrained_model_name:
+        raise UserError("--wizardcoder_use_llama2_as_backbone and --pretrained_model_name exclude each other")
+    model_label = display_name(name)
+    finetuned = name
+    recovered_path = None
+    if name in DELTA_RELEASED:
+        recovered_path = Path(args.recovered_model_path or f"save_models/{name}-recovered")
+        model_label = f"{name}-recovered"
+        finetuned = str(recovered_path)
+    save_name = make_save_name(model_label, args)
+    dataset = args.dataset_name
+    check_data([dataset], args)  # missing data or an empty range fails before any folder is made
+    dare = args.weight_mask_rate > 0.0
+    resumed_complete = all_generations_done([dataset], save_name, args.output_dir, args)
+    if not dare and recovered_path is None and not resumed_complete:
+        finetuned = resolve_model(finetuned)  # likewise for a model that cannot be found
+    out_dir = Path(args.output_dir) / dataset / save_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    log_handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logging.getLogger().addHandler(log_handler)
+    try:
+        logger.info("arguments: %s", vars(args))
+        masked_path = Path(args.save_model_path or f"save_models/{dataset}/{save_name}") if dare else None
+        if resumed_complete:
+            logger.info("--resume: every selected item is already generated; no model is loaded")
+            model_path = str(masked_path) if dare else finetuned
+        else:
+            if recovered_path is not None and not _complete_model_folder(recovered_path):
+                if backbone is None:
+                    raise UserError(
+                        f"{name} is a delta release: pass --pretrained_model_name (its llama-7b base)"
+                    )
+                logger.info("recovering %s = %s + delta into %s", name, backbone, recovered_path)
+                _streaming().stream_recover_from_delta(backbone, name, str(recovered_path), pad_token="[PAD]")
+            if dare:
+                if backbone is None:
+                    raise UserError(f"no known backbone for {name}: pass --pretrained_model_name for DARE")
+                if masked_path.exists() and args.resume and _complete_model_folder(masked_path):
+                    logger.info("--resume: reusing the DARE'd model in %s", masked_path)
+                elif masked_path.exists():
+                    raise UserError(f"{masked_path} exists: pass --resume to reuse it, or remove it")
+                else:
+                    _streaming().stream_mask_model(
+                        backbone, finetuned, str(masked_path),
+                        weight_format=args.weight_format, weight_mask_rate=args.weight_mask_rate,
+                        use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
+                        seed=args.seed, exclude_param_names_regex=(),
+                        pad_token=pad_token_for([name, backbone]),
+                    )  # fmt: skip
+                model_path = str(masked_path)
+            else:
+                model_path = finetuned
+        generator = model_path if dare else model_label
+        results = evaluate_model(
+            model_path, [dataset], save_name, args.output_dir, args, generator_name=generator
+        )
+        if dare and args.remove_saved_model and masked_path.exists():
+            shutil.rmtree(masked_path)
+            logger.info("removed %s", masked_path)
+        print(json.dumps(summary(results), indent=2))
+        return results
+    finally:
+        logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,164 @@
+"""Evaluate GLUE fine-tuned encoders, optionally after DARE or one of its ablations (spec §2.2).
+
+For each task, the model at ``{models_dir}/{task}/{lm}_lr{lr}`` (the authors' learning rate of §5.5 for
+bert-base-uncased / roberta-base, else ``--learning_rate``) is masked with the core's ``mask_model_weights``
+(classifier heads excluded) and evaluated on the GLUE dev set ("test").
+
+* DARE: ``--weight_mask_rate 0.9 --use_weight_rescale`` (random drop of the delta, rescale by 1/(1-p));
+* DropOnly: no ``--use_weight_rescale``; magnitude pruning: ``--mask_strategy magnitude``;
+* masking the fine-tuned weights: ``--weight_format finetuned_weight --use_weight_rescale``.
+The default drop rate is 0 (plain evaluation); the original's default of 0.1 silently masked.
+
+Outputs: ``{results_dir}/{task}/{name}/{name}.json`` per task, and the summary table across the tasks
+``{results_dir}/summary/{name}.csv`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from model_merging_methods.mask_weights_utils import mask_model_weights
+from utils.cli import UserError, check_rate, run_main, setup_logging
+from utils.customized_trainers import GlueEvaluator
+from utils.glue_data_loader import TASK_NAMES, check_task_names, get_task, load_glue_task
+from utils.glue_paths import (
+    DEFAULT_MODELS_DIR,
+    chosen_learning_rate,
+    load_sequence_classifier,
+    load_tokenizer,
+    model_short_name,
+    require_finetuned_model,
+    save_model_name,
+)
+from utils.results_io import round_floats, write_json, write_table
+
+logger = logging.getLogger("inference_plms_glue")
+
+EXCLUDE_PARAM_NAMES_REGEX = (".*classifier.*",)
+DEFAULT_SEED = 42  # the original's masks were implicitly seeded 42 (HF Trainer's set_seed)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--language_model_name", default="roberta-base", help="model name or local folder")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument(
+        "--gpu", type=int, default=0, help="accepted for compatibility; the Trainer picks the device"
+    )
+    p.add_argument("--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"])
+    p.add_argument("--weight_mask_rate", type=float, default=0.0, help="drop rate p in [0, 1] (default 0)")
+    p.add_argument("--use_weight_rescale", action="store_true", help="rescale kept weights by 1/(1-p)")
+    p.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+    p.add_argument(
+        "--dataset_names", nargs="+", default=list(TASK_NAMES), help="tasks to evaluate (default: all 8)"
+    )
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the DARE masks")
+    p.add_argument("--glue_data_dir", default=None, help="local GLUE folder (TSV layout); default: the hub")
+    p.add_argument("--max_eval_samples", type=int, default=None, help="keep the first N test rows")
+    p.add_argument(
+        "--learning_rate", type=float, default=None, help="learning rate in the model folder names"
+    )
+    p.add_argument("--models_dir", default=DEFAULT_MODELS_DIR)
+    p.add_argument("--results_dir", default="./save_model_results")
+    return p.parse_args(argv)
+
+
+def variant_suffix(args: argparse.Namespace) -> str:
+    """The original's name after ``{lm}_lr{lr}`` (§2.2 step 4), plus ``_seed{s}`` / ``_maxeval{n}`` when those
+    differ from a full run with the default seed."""
+    suffix = f"_inference_mask_{args.weight_mask_rate}"
+    if args.weight_mask_rate != 0.0:
+        suffix += f"_rescale_{args.use_weight_rescale}"
+        if args.mask_strategy == "magnitude":
+            suffix += "_strategy_magnitude"
+        if args.weight_format == "finetuned_weight":
+            suffix += "_weight_format_finetuned_weight"
+        if args.seed != DEFAULT_SEED and args.mask_strategy == "random":
+            suffix += f"_seed{args.seed}"
+    if args.max_eval_samples is not None:
+        suffix += f"_maxeval{args.max_eval_samples}"
+    return suffix
+
+
+def result_name(args: argparse.Namespace, task: str) -> str:
+    lr = chosen_learning_rate(task, args.language_model_name, args.learning_rate)
+    return save_model_name(args.language_model_name, lr) + variant_suffix(args)
+
+
+def summary_name(args: argparse.Namespace) -> str:
+    """The summary spans tasks (whose learning rates may differ): the lr appears only when given explicitly."""
+    lm = model_short_name(args.language_model_name)
+    lr = "" if args.learning_rate is None else f"_lr{float(args.learning_rate)}"
+    return f"{lm}{lr}{variant_suffix(args)}"
+
+
+def _masked_parameters(
+    finetuned, pretrained, args: argparse.Namespace, where: str
+) -> dict[str, torch.Tensor]:
+    ft = {n: p.detach() for n, p in finetuned.named_parameters()}
+    pre = None if pretrained is None else {n: p.detach() for n, p in pretrained.named_parameters()}
+    try:
+        return mask_model_weights(
+            ft, pre, weight_format=args.weight_format, weight_mask_rate=args.weight_mask_rate,
+            use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
+            exclude_param_names_regex=EXCLUDE_PARAM_NAMES_REGEX, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    setup_logging()
+    tasks = check_task_names(args.dataset_names)
+    check_rate("--weight_mask_rate", args.weight_mask_rate)
+    if args.batch_size < 1 or (args.max_eval_samples is not None and args.max_eval_samples < 1):
+        raise UserError("--batch_size and --max_eval_samples must be at least 1")
+    # fail before writing anything: every model folder must exist and every task's data must load
+    model_dirs = {t: require_finetuned_model(args.models_dir, t, args.language_model_name, args.learning_rate)
+                  for t in tasks}  # fmt: skip
+    tokenizer = load_tokenizer(args.language_model_name)
+    datasets = {
+        t: load_glue_task(
+            t, tokenizer, args.glue_data_dir, ("test",), max_eval_samples=args.max_eval_samples
+        )["test"]
+        for t in tasks
+    }
+    rows, all_metrics = [], []
+    for task in tasks:
+        name = result_name(args, task)
+        finetuned = load_sequence_classifier(model_dirs[task])
+        if args.weight_mask_rate != 0.0:
+            pretrained = None
+            if args.weight_format == "delta_weight":
+                pretrained = load_sequence_classifier(args.language_model_name, get_task(task).num_labels)
+            masked = _masked_parameters(finetuned, pretrained, args, f"{task} ({model_dirs[task]})")
+            with torch.no_grad():
+                for n, p in finetuned.named_parameters():
+                    p.copy_(masked[n])
+            del pretrained
+        evaluator = GlueEvaluator(finetuned, tokenizer, args.batch_size, seed=args.seed)
+        try:
+            metrics = round_floats(evaluator.evaluate(datasets[task], task))
+        finally:
+            evaluator.close()
+        result_path = Path(args.results_dir) / task / name / f"{name}.json"
+        write_json(result_path, metrics)
+        main_metric = get_task(task).main_metric
+        logger.info("%s: %s = %s -> %s", task, main_metric, metrics[f"eval_{main_metric}"], result_path)
+        rows.append({"task": task, "main_metric": main_metric, "score": metrics[f"eval_{main_metric}"],
+                     **{k: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"
+                        and "runtime" not in k and "per_second" not in k and "preparation_time" not in k}})  # fmt: skip
+        all_metrics.append(metrics)
+    summary = Path(args.results_dir) / "summary" / summary_name(args)
+    write_table(rows, f"{summary}.csv", f"{summary}.md")
+    logger.info("summary -> %s.csv / .md", summary)
+    return all_metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,253 @@
+"""Merge homologous LLMs out of core (one tensor at a time, disk to disk), keep the merged model, then evaluate it.
+
+The original's flags keep working (``--merge_instruct --merge_math --merge_code`` with the paper's 13B models,
+``--merging_method_name``, ``--scaling_coefficient``, ``--weight_mask_rate``, ``--use_weight_rescale``,
+``--mask_strategy``, ``--weight_format``, ``--mask_apply_method``, ``--tensor_parallel_size``); any homologous family
+can be merged with ``--pretrained_model_name`` and ``--finetuned_model_names`` (local folders or hub ids).
+
+Examples::
+
+    python merge_llms_instruct_math_code.py --merge_instruct --merge_math --merging_method_name mask_merging \\
+        --mask_apply_method task_arithmetic --scaling_coefficient 1.0 --weight_mask_rate 0.2 --use_weight_rescale
+    python merge_llms_instruct_math_code.py --pretrained_model_name ./base --finetuned_model_names ./a ./b \\
+        --merging_method_name ties_merging --param_value_mask_rate 0.8 --skip_evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from utils.cli import UserError, run_main, setup_logging
+
+TASKS = ("instruct", "math", "code")
+# fallback when utils.llm_evaluation is not importable (same mapping as its TASK_DATASETS)
+_TASK_DATASETS = {"instruct": ["alpaca_eval"], "math": ["gsm8k", "MATH"], "code": ["human_eval", "mbpp"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Merge LLMs (average, task arithmetic, TIES, DARE + X) out of core and evaluate the result.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    models = p.add_argument_group("models")
+    models.add_argument("--merge_instruct", action="store_true", help="merge WizardLM-13B-V1.2 (instruct)")
+    models.add_argument("--merge_math", action="store_true", help="merge WizardMath-13B-V1.0 (math)")
+    models.add_argument("--merge_code", action="store_true", help="merge llama-2-13b-code-alpaca (code)")
+    models.add_argument(
+        "--pretrained_model_name", default=None, metavar="NAME_OR_PATH",
+        help="pre-trained backbone (default: the registry backbone of the fine-tuned models)",
+    )  # fmt: skip
+    models.add_argument(
+        "--finetuned_model_names", nargs="+", default=None, metavar="NAME_OR_PATH",
+        help="models to merge (registry names, hub ids or local folders); replaces --merge_*",
+    )  # fmt: skip
+
+    method = p.add_argument_group("merging method")
+    method.add_argument(
+        "--merging_method_name", default="average_merging",
+        choices=["average_merging", "task_arithmetic", "ties_merging", "mask_merging"],
+    )  # fmt: skip
+    method.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES")
+    method.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim rate r")
+    method.add_argument(
+        "--trim_scope", default="global", choices=["global", "tensor"], help="TIES trim scope"
+    )
+    method.add_argument(
+        "--mask_apply_method", default="average_merging",
+        choices=["average_merging", "task_arithmetic", "ties_merging"], help="method applied after DARE",
+    )  # fmt: skip
+    method.add_argument(
+        "--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"]
+    )
+    method.add_argument(
+        "--weight_mask_rate", type=float, nargs="+", default=[0.1],
+        help="DARE drop rate: one value for every model, or one per model",
+    )  # fmt: skip
+    method.add_argument("--use_weight_rescale", action="store_true", help="rescale survivors by 1/(1-p)")
+    method.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+    method.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--merged_model_path", default=None, metavar="PATH",
+        help="where the merged model is written (default: ./save_merge_models/<models>/<every setting>)",
+    )  # fmt: skip
+    out.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    out.add_argument("--max_shard_size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    out.add_argument(
+        "--vocab_policy", default="auto", choices=["auto", "pad_mean", "truncate", "error"],
+        help="vocabulary alignment; auto = pad_mean for LLaMA-family models, error otherwise",
+    )  # fmt: skip
+    out.add_argument(
+        "--pad_token", default=None, help="pad token added to a padded tokenizer (default: [PAD])"
+    )
+    out.add_argument(
+        "--tokenizer_source", default=None, metavar="NAME_OR_PATH",
+        help="model whose config/tokenizer files are copied (default: the first fine-tuned model)",
+    )  # fmt: skip
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --merged_model_path")
+    out.add_argument(
+        "--num_threads", type=int, default=None,
+        help="worker threads, one tensor each (default: the usable CPUs, at most 8); the bytes do not depend on it",
+    )  # fmt: skip
+
+    # ---------------------------------------- evaluation flags (one block) ----------------------------------------
+    ev = p.add_argument_group("evaluation (utils.llm_evaluation)")
+    ev.add_argument(
+        "--evaluate_tasks", nargs="+", choices=list(TASKS), default=None,
+        help="tasks to evaluate (instruct: AlpacaEval; math: GSM8K + MATH; code: HumanEval + MBPP; default: the "
+             "merged tasks with --merge_*, none with --finetuned_model_names)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--evaluate_only", action="store_true",
+        help="do not merge: evaluate the merged model already at --merged_model_path (or the default path)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--evaluation_output_dir", default="save_merge_llm_results",
+        help="root of the generation/results folders ({root}/{dataset}/{models}/{save name}/)",
+    )  # fmt: skip
+    try:
+        from utils.llm_evaluation import add_evaluation_args
+    except ImportError:  # evaluation not installed: keep the original's flags
+        ev.add_argument("--skip_evaluation", action="store_true", help="only merge")
+        ev.add_argument("--tensor_parallel_size", type=int, default=1)
+        ev.add_argument("--start_index", type=int, default=0)
+        ev.add_argument("--end_index", type=int, default=sys.maxsize)
+    else:  # --skip_evaluation, --inference_backend, --tensor_parallel_size, --start/end_index, --resume, ...
+        add_evaluation_args(p)
+    # ---------------------------------------------------------------------------------------------------------------
+    return p
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "-", Path(name.rstrip("/")).name or name).strip("-") or "model"
+
+
+def _method_name(method: str, args: argparse.Namespace) -> str:
+    if method == "average_merging":
+        return "average_merging"
+    if method == "task_arithmetic":
+        return f"task_arithmetic_scaling_coefficient_{args.scaling_coefficient}"
+    return (
+        f"ties_merging_param_value_mask_rate_{args.param_value_mask_rate}"
+        f"_scaling_coefficient_{args.scaling_coefficient}_trim_{args.trim_scope}"
+    )
+
+
+def save_model_name(args: argparse.Namespace, rates: list[float]) -> str:
+    """The merged model's folder name: the original's name plus every setting it left out (strategy, weight format,
+    seed, trim scope, dtype, vocabulary policy, overridden backbone), so variants never overwrite each other."""
+    if args.merging_method_name == "mask_merging":
+        name = (
+            f"mask_merging/{_method_name(args.mask_apply_method, args)}/mask_{'_'.join(str(r) for r in rates)}"
+            f"_rescale_{args.use_weight_rescale}_strategy_{args.mask_strategy}_weight_format_{args.weight_format}"
+            f"_seed_{args.seed}"
+        )
+    else:
+        name = _method_name(args.merging_method_name, args)
+    if args.dtype != "auto":
+        name += f"_dtype_{args.dtype}"
+    if args.vocab_policy != "auto":
+        name += f"_vocab_{args.vocab_policy}"
+    if args.pretrained_model_name is not None:
+        name += f"_base_{_safe(args.pretrained_model_name)}"
+    return name
+
+
+def select_models(args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:
+    """(tasks, fine-tuned names, pretrained name, folder group) from the flags and the registry (§6.1)."""
+    from utils.llm_registry import MERGE_TASK_MODELS, backbone_of
+
+    flagged = [t for t in TASKS if getattr(args, f"merge_{t}")]
+    if args.finetuned_model_names is not None:
+        if flagged:
+            raise UserError(
+                "give either --merge_instruct/--merge_math/--merge_code or --finetuned_model_names"
+            )
+        names = list(args.finetuned_model_names)
+        tasks: list[str] = []
+        group = "_".join(_safe(n) for n in names)
+    else:
+        if len(flagged) < 2:
+            raise UserError("select at least two of --merge_instruct, --merge_math, --merge_code")
+        tasks = flagged
+        names = [MERGE_TASK_MODELS[t] for t in tasks]
+        group = "_".join(tasks)
+    if len(names) < 2:
+        raise UserError(f"merging needs at least two fine-tuned models, got {len(names)}")
+    pretrained = args.pretrained_model_name
+    if pretrained is None:
+        backbones = {backbone_of(n) for n in names}
+        if None in backbones:
+            unknown = [n for n in names if backbone_of(n) is None]
+            raise UserError(f"--pretrained_model_name is required: {unknown[0]} is not in the model registry")
+        if len(backbones) != 1:
+            raise UserError(
+                f"the models have different backbones ({', '.join(sorted(backbones))}); they cannot be merged"
+            )
+        pretrained = backbones.pop()
+    return tasks, names, pretrained, group
+
+
+def _evaluate(
+    args: argparse.Namespace, merged_path: Path, tasks: list[str], save_name: str
+) -> dict[str, Any] | None:
+    """Evaluate the merged model on the datasets of ``tasks`` with ``utils.llm_evaluation.evaluate_model``."""
+    if not tasks:
+        print("no tasks to evaluate (pass --evaluate_tasks)", file=sys.stderr)
+        return None
+    try:
+        from utils.llm_evaluation import TASK_DATASETS, evaluate_model
+    except ImportError:
+        print("evaluation is not available yet (utils.llm_evaluation is missing); the merged model is kept at "
+              f"{merged_path}", file=sys.stderr)  # fmt: skip
+        return None
+    datasets = [d for t in tasks for d in TASK_DATASETS.get(t, _TASK_DATASETS[t])]
+    output_root = getattr(args, "evaluation_output_dir", None) or "save_merge_llm_results"
+    return evaluate_model(
+        str(merged_path), datasets, save_name, output_root, args, generator_name=str(merged_path)
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    from model_merging_methods.streaming import stream_merge
+    from utils.llm_registry import pad_token_for
+
+    tasks, names, pretrained, group = select_models(args)
+    rates = list(args.weight_mask_rate)
+    if len(rates) == 1:
+        rates = rates * len(names)
+    if len(rates) != len(names):
+        raise UserError(f"--weight_mask_rate: got {len(rates)} rates for {len(names)} models")
+    save_name = save_model_name(args, rates)
+    merged_path = Path(args.merged_model_path or Path("save_merge_models") / group / save_name)
+    if getattr(args, "evaluate_only", False):  # the original's direct_inference_merged_llms_* script
+        if not (merged_path / "config.json").is_file():
+            raise UserError(f"--evaluate_only: no merged model at {merged_path}")
+        eval_tasks = args.evaluate_tasks if args.evaluate_tasks is not None else tasks
+        return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
+    manifest = stream_merge(
+        pretrained, names, str(merged_path),
+        merging_method_name=args.merging_method_name, scaling_coefficient=args.scaling_coefficient,
+        param_value_mask_rate=args.param_value_mask_rate, trim_scope=args.trim_scope,
+        mask_apply_method=args.mask_apply_method if args.merging_method_name == "mask_merging" else None,
+        weight_mask_rates=rates, use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
+        weight_format=args.weight_format, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        vocab_policy=args.vocab_policy, pad_token=args.pad_token or pad_token_for(names),
+        tokenizer_source=args.tokenizer_source, overwrite=args.overwrite, num_threads=args.num_threads,
+    )  # fmt: skip
+    print(f"merged model: {merged_path}")
+    if not args.skip_evaluation:
+        eval_tasks = args.evaluate_tasks if args.evaluate_tasks is not None else tasks
+        manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_main(main)

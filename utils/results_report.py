@@ -1,0 +1,526 @@
+"""Results JSON files → uniform records → the paper's tables and plots.
+
+A *record* is one number with its context (a flat dict):
+
+``kind``      ``"dare"`` (one model, possibly with delta parameters dropped), ``"merge"`` (a merged model) or
+              ``"model"`` (a model evaluated as is, e.g. a pre-trained base);
+``model``     the model (for DARE: the fine-tuned model; for merges: the merged group, e.g. ``instruct_math``);
+``method``    merges: a readable label (``task arithmetic (λ=1.0)``, ``DARE p=0.9 + TIES``);
+``dataset``   the evaluated task/skill;  ``metric``, ``value``;
+``drop_rate``, ``variant`` (``DARE``, ``DropOnly``, ``magnitude``, ``magnitude+rescale``, ``DARE on weights``,
+              ...) and ``seed`` for DARE records;  ``source``: the file it came from.
+
+Readers (:func:`records_from_file`) understand
+* the quickstart's ``results.json`` (``"schema": "dare-toolkit/quickstart-results/v1"``, records inside);
+* GLUE results written by ``inference_plms_glue.py`` (``{task}/{save_name}/{save_name}.json``, HF ``eval_*``
+  keys, settings in the original save name ``{lm}_lr{lr}_inference_mask_{p}[_rescale_{b}][_strategy_magnitude]
+  [_weight_format_finetuned_weight]``) and by ``merge_plms_glue.py`` (``{src}_{tgt}/{method}[/{apply}]/{lm}.json``);
+* LLM results written by ``utils.llm_evaluation.evaluate_model`` (``results.json`` with ``dataset`` and
+  ``save_name``; DARE save names as above; merge save names with ``average_merging``, ``task_arithmetic_...``,
+  ``ties_merging_...`` or ``mask_merging/{apply}/mask_{p1}_{p2}...``).
+Files that are none of these are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+QUICKSTART_SCHEMA = "dare-toolkit/quickstart-results/v1"
+
+GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
+# main metric per GLUE task (spec §5.3); utils.glue_data_loader is preferred when importable
+_GLUE_MAIN_METRIC = {
+    "cola": "matthews_correlation",
+    "sst2": "accuracy",
+    "mrpc": "averaged_scores",
+    "stsb": "averaged_scores",
+    "qqp": "averaged_scores",
+    "mnli": "accuracy",
+    "qnli": "accuracy",
+    "rte": "accuracy",
+}
+LLM_DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
+MERGE_METHODS = ("average_merging", "task_arithmetic", "ties_merging", "fisher_merging", "regmean_merging")
+METHOD_LABELS = {
+    "average_merging": "average",
+    "task_arithmetic": "task arithmetic",
+    "ties_merging": "TIES",
+    "fisher_merging": "Fisher",
+    "regmean_merging": "RegMean",
+}
+
+_DARE_NAME = re.compile(
+    r"^(?P<model>.+?)_inference_mask_(?P<rate>[0-9.eE+-]+?)(?:_rescale_(?P<rescale>True|False))?(?P<rest>(?:_.*)?)$"
+)
+
+
+def glue_main_metric(task: str) -> str:
+    try:
+        from utils.glue_data_loader import get_task
+
+        return get_task(task).main_metric
+    except Exception:  # noqa: BLE001 - the GLUE module is optional here
+        return _GLUE_MAIN_METRIC[task]
+
+
+def dare_variant(
+    rate: float, rescale: bool, strategy: str = "random", weight_format: str = "delta_weight"
+) -> str:
+    """The paper's name of a masking setting: rate 0 → ``fine-tuned``; random + rescale → ``DARE``; random without
+    rescale → ``DropOnly``; magnitude → ``magnitude`` (``+rescale``); masking the weights → ``... on weights``."""
+    if rate == 0.0:
+        return "fine-tuned"
+    if strategy == "magnitude":
+        name = "magnitude+rescale" if rescale else "magnitude"
+    else:
+        name = "DARE" if rescale else "DropOnly"
+    if weight_format == "finetuned_weight":
+        name += " on weights"
+    return name
+
+
+def parse_dare_name(name: str) -> dict[str, Any] | None:
+    """Settings encoded in the original's DARE save name, or None when ``name`` is not one."""
+    m = _DARE_NAME.match(name)
+    if not m:
+        return None
+    try:
+        rate = float(m.group("rate"))
+    except ValueError:
+        return None
+    rest = m.group("rest") or ""
+    rescale = m.group("rescale") == "True"
+    strategy = "magnitude" if "_strategy_magnitude" in rest else "random"
+    weight_format = "finetuned_weight" if "_weight_format_finetuned_weight" in rest else "delta_weight"
+    seed_m = re.search(r"_seed_(\d+)", rest)
+    model = re.sub(r"_lr[0-9.eE+-]+$", "", m.group("model"))
+    if "_llama_2_as_backbone" in rest:
+        model += " (vs Llama-2)"
+    return {
+        "model": model,
+        "drop_rate": rate,
+        "use_weight_rescale": rescale,
+        "mask_strategy": strategy,
+        "weight_format": weight_format,
+        "seed": int(seed_m.group(1)) if seed_m else 0,
+        "variant": dare_variant(rate, rescale, strategy, weight_format),
+    }
+
+
+def _fmt_num(x: str) -> str:
+    try:
+        return f"{float(x):g}"
+    except ValueError:
+        return x
+
+
+def merge_label(parts: Sequence[str]) -> str | None:
+    """A readable merge label from path/save-name components, e.g. ``DARE p=0.9 + task arithmetic (λ=1)``;
+    None when no merging method is named."""
+    text = "/".join(parts)
+
+    def plain(t: str) -> str | None:
+        for method in MERGE_METHODS:
+            if method in t:
+                label = METHOD_LABELS[method]
+                extra = []
+                lam = re.search(r"scaling_coefficient_([0-9.eE+-]+?)(?=_|/|$)", t)
+                trim = re.search(r"param_value_mask_rate_([0-9.eE+-]+?)(?=_|/|$)", t)
+                if trim:
+                    extra.append(f"trim {_fmt_num(trim.group(1))}")
+                if lam:
+                    extra.append(f"λ={_fmt_num(lam.group(1))}")
+                return label + (f" ({', '.join(extra)})" if extra else "")
+        return None
+
+    if "mask_merging" in text:
+        after = text.split("mask_merging", 1)[1]
+        base = plain(after) or "?"
+        rates = re.search(r"mask_([0-9.]+(?:_[0-9.]+)*)(?=_rescale|/|$)", after)
+        rate_txt = ""
+        if rates:
+            vals = sorted({_fmt_num(r) for r in rates.group(1).split("_") if r})
+            rate_txt = f" p={'/'.join(vals)}"
+        variant = "DARE"
+        if "_rescale_False" in after:
+            variant = "DropOnly"
+        if "strategy_magnitude" in after:
+            variant = "magnitude"
+        return f"{variant}{rate_txt} + {base}"
+    return plain(text)
+
+
+def _read(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _glue_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    parts = list(path.parts)
+    task, pair = None, None
+    for p in reversed(parts[:-1]):
+        if "_" in p and all(t in GLUE_TASKS for t in p.split("_")) and len(p.split("_")) == 2:
+            pair = p.split("_")
+            task = pair[1]
+            break
+        if p in GLUE_TASKS:
+            task = p
+            break
+    if task is None:
+        return []
+    metric = glue_main_metric(task)
+    key = f"eval_{metric}"
+    if key not in data:
+        return []
+    value = float(data[key])
+    comps = [c for c in parts[:-1] if c not in (".",)]
+    label = merge_label(comps) if pair else None
+    if pair and label:
+        return [
+            {
+                "kind": "merge",
+                "model": f"{pair[0]}+{pair[1]}",
+                "settings": path.stem,
+                "method": label,
+                "dataset": task,
+                "metric": metric,
+                "value": value,
+                "source": str(path),
+            }
+        ]
+    d = parse_dare_name(path.stem)
+    if d is not None:
+        return [
+            {
+                "kind": "dare",
+                "model": d["model"],
+                "dataset": task,
+                "metric": metric,
+                "value": value,
+                "drop_rate": d["drop_rate"],
+                "variant": d["variant"],
+                "seed": d["seed"],
+                "source": str(path),
+            }
+        ]
+    return [
+        {
+            "kind": "model",
+            "model": re.sub(r"_lr[0-9.eE+-]+(_run\d+)?$", r" fine-tuned\1", path.stem),
+            "dataset": task,
+            "metric": metric,
+            "value": value,
+            "source": str(path),
+        }
+    ]
+
+
+def llm_metric(dataset: str, data: dict[str, Any]) -> tuple[str, float] | None:
+    """The headline metric of an LLM results JSON: GSM8K ``accuracy``; MATH ``accuracy_math_verify`` when present,
+    else ``accuracy_original``; code ``pass@1``; AlpacaEval a judged ``win_rate`` if someone added one."""
+    candidates = {
+        "gsm8k": ("accuracy", "accuracy_original"),
+        "MATH": ("accuracy_math_verify", "accuracy_original", "accuracy"),
+        "human_eval": ("pass@1",),
+        "mbpp": ("pass@1",),
+        "alpaca_eval": ("win_rate", "length_controlled_winrate"),
+    }.get(dataset, ("accuracy",))
+    for k in candidates:
+        if isinstance(data.get(k), int | float):
+            return k, float(data[k])
+    return None
+
+
+def _llm_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    dataset = data.get("dataset")
+    if dataset not in LLM_DATASETS:
+        return []
+    mv = llm_metric(dataset, data)
+    if mv is None:
+        return []
+    metric, value = mv
+    save_name = str(data.get("save_name") or path.parent.name)
+    comps = save_name.split("/")
+    label = merge_label(comps)
+    if label is not None:
+        group = comps[0] if len(comps) > 1 and merge_label(comps[:1]) is None else "merged"
+        return [
+            {
+                "kind": "merge",
+                "model": group,
+                "method": label,
+                "dataset": dataset,
+                "metric": metric,
+                "value": value,
+                "source": str(path),
+            }
+        ]
+    d = parse_dare_name(comps[-1])
+    if d is not None:
+        return [
+            {
+                "kind": "dare",
+                "model": d["model"],
+                "dataset": dataset,
+                "metric": metric,
+                "value": value,
+                "drop_rate": d["drop_rate"],
+                "variant": d["variant"],
+                "seed": d["seed"],
+                "source": str(path),
+            }
+        ]
+    return [
+        {
+            "kind": "model",
+            "model": save_name,
+            "dataset": dataset,
+            "metric": metric,
+            "value": value,
+            "source": str(path),
+        }
+    ]
+
+
+def records_from_file(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(records, None) for a results file this module understands, else ([], reason)."""
+    path = Path(path)
+    try:
+        data = _read(path)
+    except (OSError, json.JSONDecodeError) as exc:
+        return [], f"not readable JSON ({exc})"
+    if not isinstance(data, dict):
+        return [], "not a JSON object"
+    if data.get("schema") == QUICKSTART_SCHEMA:
+        return [dict(r, source=str(path)) for r in data.get("records", [])], None
+    if any(k.startswith("eval_") for k in data):
+        recs = _glue_records(path, data)
+        return (recs, None) if recs else ([], "GLUE-like metrics but no GLUE task in the path")
+    if "dataset" in data:
+        recs = _llm_records(path, data)
+        return (recs, None) if recs else ([], f"no scored metric for dataset {data.get('dataset')!r}")
+    return [], "unknown results format"
+
+
+def collect_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Records of every ``*.json`` under the given files/folders, and the (file, reason) pairs that were skipped.
+    Files ending in ``manifest.json``, ``generation_config.json`` or ``config.json`` are ignored silently."""
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*.json") if q.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    ignore = (
+        "manifest.json",
+        "config.json",
+        "tokenizer.json",
+        "special_tokens_map.json",
+        "stats.json",
+        "trainer_state.json",
+        "toy_family_stage.json",
+    )
+    records, skipped = [], []
+    for f in files:
+        if f.name.endswith(ignore) or "/summary/" in f.as_posix() or "/cache/" in f.as_posix():
+            continue
+        recs, reason = records_from_file(f)
+        if reason is not None:
+            skipped.append((str(f), reason))
+        records += recs
+    return records, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _col(variant: str, rate: float) -> str:
+    return f"{variant} p={rate:g}"
+
+
+def dare_table(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, dataset, metric): ``p=0`` (the fine-tuned model), then DARE at each rate, then the
+    ablations (``DropOnly p=0.9``...), each the mean over mask seeds; ``seeds`` is the largest seed count."""
+    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cols: dict[str, tuple] = {}
+    for r in records:
+        if r.get("kind") != "dare":
+            continue
+        key = (r["model"], r["dataset"], r["metric"])
+        rate = float(r["drop_rate"])
+        col = "p=0" if rate == 0.0 else _col(r["variant"], rate)
+        order = (0, 0.0) if rate == 0.0 else (0 if r["variant"] == "DARE" else 1, r["variant"], rate)
+        cols[col] = order
+        groups[key][col].append(float(r["value"]))
+    ordered = sorted(
+        cols, key=lambda c: tuple(str(x) if isinstance(x, str) else f"{x:012.6f}" for x in cols[c])
+    )
+    rows = []
+    for (model, dataset, metric), by_col in groups.items():
+        row: dict[str, Any] = {"model": model, "dataset": dataset, "metric": metric}
+        for c in ordered:
+            row[c] = _mean(by_col[c]) if by_col.get(c) else None
+        row["seeds"] = max(len(v) for v in by_col.values())
+        rows.append(row)
+    return rows
+
+
+def retention_table(dare_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The DARE table as a share of the fine-tuned model's score (``value / p=0``); None where p=0 is 0/absent."""
+    out = []
+    for row in dare_rows:
+        ref = row.get("p=0")
+        new = {k: row[k] for k in ("model", "dataset", "metric")}
+        for k, v in row.items():
+            if k in ("model", "dataset", "metric", "seeds", "p=0"):
+                continue
+            new[k] = (v / ref) if (v is not None and ref) else None
+        out.append(new)
+    return out
+
+
+def keeps_fraction_up_to(row: dict[str, Any], fraction: float = 0.95, variant: str = "DARE") -> float | None:
+    """The largest drop rate r such that ``variant`` keeps ≥ ``fraction`` of p=0 at every rate ≤ r (0.0 when it
+    fails at the first rate; None without a p=0 reference)."""
+    ref = row.get("p=0")
+    if not ref:
+        return None
+    rates = sorted(
+        float(k.split("p=")[1]) for k in row if k.startswith(f"{variant} p=") and row[k] is not None
+    )
+    best = 0.0
+    for rate in rates:
+        if row[_col(variant, rate)] >= fraction * ref:
+            best = rate
+        else:
+            break
+    return best
+
+
+def _method_rank(label: str) -> tuple[int, int, str]:
+    """Sort key of merge labels: plain methods before their DARE versions, methods in the paper's order."""
+    base = label.split(" + ", 1)[1] if " + " in label else label
+    names = [METHOD_LABELS[m] for m in MERGE_METHODS]
+    idx = next((i for i, n in enumerate(names) if base.startswith(n)), len(names))
+    return (1 if " + " in label else 0, idx, label)
+
+
+def merge_table(
+    records: Iterable[dict[str, Any]], references: Iterable[dict[str, Any]] = ()
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The merge matrix. Rows: the ``references`` first (records of models evaluated as they are, e.g. the base and
+    each specialist), then one row per merge method (and merged group when there are several). Columns: the
+    datasets; or, when every merged group was evaluated on one dataset only (GLUE pairs, where only the target task
+    is scored), one column per ``group→dataset``. Cells are means over repeated records. Returns (rows, columns).
+    """
+    references = list(references)
+    merges = [r for r in records if r.get("kind") == "merge"]
+    group_ds: dict[str, list[str]] = {}
+    for r in merges:
+        ds = group_ds.setdefault(r["model"], [])
+        if r["dataset"] not in ds:
+            ds.append(r["dataset"])
+    pivot = len(group_ds) > 1 and all(len(ds) == 1 for ds in group_ds.values())
+    columns: list[tuple[str | None, str]] = []
+    if pivot:
+        columns = [(g, ds[0]) for g, ds in group_ds.items()]
+    else:
+        for r in references + merges:
+            if (None, r["dataset"]) not in columns:
+                columns.append((None, r["dataset"]))
+    labels = [f"{g}→{d}" if g is not None else d for g, d in columns]
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    order: list[str] = []
+    for r in references:
+        order.append(r["model"]) if r["model"] not in order else None
+        for j, (_, d) in enumerate(columns):
+            if d == r["dataset"]:
+                cells[r["model"]][j].append(float(r["value"]))
+    for r in merges:
+        name = r.get("method") or r["model"]
+        if not pivot and len(group_ds) > 1:
+            name = f"{name} [{r['model']}]"
+        order.append(name) if name not in order else None
+        j = columns.index((r["model"], r["dataset"]) if pivot else (None, r["dataset"]))
+        cells[name][j].append(float(r["value"]))
+    n_refs = len({r["model"] for r in references})
+    order = order[:n_refs] + sorted(order[n_refs:], key=_method_rank)
+    rows = []
+    for name in order:
+        row: dict[str, Any] = {"model": name}
+        for j, label in enumerate(labels):
+            row[label] = _mean(cells[name][j]) if cells[name].get(j) else None
+        rows.append(row)
+    return rows, labels
+
+
+def records_table(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    cols = (
+        "kind",
+        "model",
+        "method",
+        "dataset",
+        "metric",
+        "value",
+        "drop_rate",
+        "variant",
+        "seed",
+        "settings",
+        "source",
+    )
+    return [{c: r.get(c) for c in cols} for r in records]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def drop_rate_plot_data(
+    records: Iterable[dict[str, Any]],
+) -> dict[str, tuple[dict[str, dict[float, float]], dict[str, dict[str, float]]]]:
+    """Per dataset: (curves ``{model [variant]: {rate: mean value}}``, markers ``{curve: {label: value}}``).
+    DARE (and any variant with two or more rates) becomes a curve through p=0; a variant with one rate becomes a
+    marker on its model's DARE curve."""
+    vals: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("kind") == "dare":
+            vals[(r["dataset"], r["model"], r["variant"], float(r["drop_rate"]))].append(float(r["value"]))
+    out: dict[str, tuple[dict, dict]] = {}
+    by_ds: dict[str, dict[tuple[str, str], dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (ds, model, variant, rate), v in vals.items():
+        by_ds[ds][(model, variant)][rate] = _mean(v)
+    for ds, series in by_ds.items():
+        curves: dict[str, dict[float, float]] = {}
+        markers: dict[str, dict[str, float]] = defaultdict(dict)
+        models = sorted({m for m, _ in series})
+        for model in models:
+            p0 = series.get((model, "fine-tuned"), {})
+            dare = {**p0, **series.get((model, "DARE"), {})}
+            if dare:
+                curves[model] = dare
+        for (model, variant), pts in sorted(series.items()):
+            if variant in ("fine-tuned", "DARE"):
+                continue
+            if len(pts) >= 2:
+                curves[f"{model} [{variant}]"] = {**series.get((model, "fine-tuned"), {}), **pts}
+            else:
+                ((rate, value),) = pts.items()
+                target = model if model in curves else next(iter(curves), model)
+                markers[target][f"{variant} p={rate:g}"] = value
+        out[ds] = (curves, dict(markers))
+    return out
