@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a family setting of utils.toy_family.FamilyConfig (VALUE in JSON, e.g. --set sft_lr=3e-5 "
-        '--set skills=\'["addition","reversal","digit_sum"]\'); only the stages that depend on it rerun',
+        help="override a family setting of utils.toy_family.FamilyConfig (VALUE in JSON, e.g. --set sft_lr=3e-5, "
+        "--set skill_weights=null); only the stages that depend on it are rebuilt",
     )
     p.add_argument(
         "--threads",
@@ -120,7 +120,7 @@ def default_threads() -> int:
         busy = os.getloadavg()[0]
     except (OSError, AttributeError):  # not available on this platform
         return n
-    return max(1, min(n, (os.cpu_count() or n) - int(round(busy))))
+    return max(1, min(n, (os.cpu_count() or n) - int(busy + 0.25)))  # a core counts as busy from 0.75
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -377,7 +377,6 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
     t_start = time.time()
     timings: dict[str, float] = {}
-    torch.set_num_threads(args.threads or default_threads())
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.num_eval_items is not None:
         overrides["num_eval_items"] = args.num_eval_items
@@ -669,6 +668,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise UserError(f"--merge_drop_rates takes numbers in [0, 1] or 'auto', got {r!r}") from exc
     if args.eval_batch_size < 1:
         raise UserError("--eval_batch_size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
     if args.num_eval_items is not None and args.num_eval_items < 1:
         raise UserError("--num_eval_items must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -677,7 +678,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    return run_quickstart(args)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())
+    try:
+        return run_quickstart(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main in-process)
 
 
 if __name__ == "__main__":

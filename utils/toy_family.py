@@ -17,11 +17,11 @@ Every question is answered in the GSM8K style (``... The answer is: N``), so the
 scores them. A held-out pool of problems per skill (``eval_pool_size``) never occurs in any training data
 (pre-training included); evaluation uses its first ``num_eval_items``.
 
-What the design choices do (measured with the full preset while building it, one seed each): without the skill
-share in the base (``instruct_skill_fraction=0``) the specialists still reach 98-100%, but every merge loses
-almost all of both skills (the base cannot do them at all, so each delta must flip a behaviour, and half or two
-such flips interfere); specialists trained at a 3x smaller learning rate (``sft_lr=3e-5``) have |δ| inside the
-paper's 0.005 but learn too little (4-6%).
+What the design choices do (measured with the full preset while building it, one run each): without the skill
+share in the base (``instruct_skill_fraction=0``) the specialists still learn (98.5% / 75%), but every merge loses
+the addition skill (<= 1.5%) and keeps at most 35% of the reversal one (the base cannot do them at all, so each
+delta must flip a behaviour, and half of a flip, or two flips at once, fail); specialists trained at a 3x smaller
+learning rate (``sft_lr=3e-5``) have |δ| inside the paper's 0.005 but learn too little (3.5% / 6%).
 
 Stages are cached in folders named by a hash of their settings and of everything upstream
 (:func:`stage_key`), so changing, e.g., the specialists' learning rate retrains only the specialists.
