@@ -82,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--output_dir", default="save_llm_eval_results", help="root of the generation/results folders"
     )
+    p.add_argument(
+        "--skip_evaluation",
+        action="store_true",
+        help="only produce the model (the DARE'd checkpoint in --save_model_path, or the recovered model); "
+        "no generation",
+    )
     add_evaluation_args(p)
     return p.parse_args(argv)  # fmt: skip
 
@@ -152,7 +158,8 @@ def main(argv=None) -> dict:
         finetuned = str(recovered_path)
     save_name = make_save_name(model_label, args)
     dataset = args.dataset_name
-    check_data([dataset], args)  # missing data or an empty range fails before any folder is made
+    if not args.skip_evaluation:
+        check_data([dataset], args)  # missing data or an empty range fails before any folder is made
     dare = args.weight_mask_rate > 0.0
     resumed_complete = all_generations_done([dataset], save_name, args.output_dir, args)
     if not dare and recovered_path is None and not resumed_complete:
@@ -194,6 +201,9 @@ def main(argv=None) -> dict:
                 model_path = str(masked_path)
             else:
                 model_path = finetuned
+        if args.skip_evaluation:
+            print(f"model ready, not evaluated (--skip_evaluation): {model_path}")
+            return {}
         generator = model_path if dare else model_label
         results = evaluate_model(
             model_path, [dataset], save_name, args.output_dir, args, generator_name=generator

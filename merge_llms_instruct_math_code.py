@@ -110,14 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluation_output_dir", default="save_merge_llm_results",
         help="root of the generation/results folders ({root}/{dataset}/{models}/{save name}/)",
     )  # fmt: skip
+    ev.add_argument(
+        "--skip_evaluation", action="store_true", help="only merge; do not evaluate the merged model"
+    )
     try:
         from utils.llm_evaluation import add_evaluation_args
     except ImportError:  # evaluation not installed: keep the original's flags
-        ev.add_argument("--skip_evaluation", action="store_true", help="only merge")
         ev.add_argument("--tensor_parallel_size", type=int, default=1)
         ev.add_argument("--start_index", type=int, default=0)
         ev.add_argument("--end_index", type=int, default=sys.maxsize)
-    else:  # --skip_evaluation, --inference_backend, --tensor_parallel_size, --start/end_index, --resume, ...
+    else:  # --skip_scoring, --inference_backend, --tensor_parallel_size, --start/end_index, --resume, ...
         add_evaluation_args(p)
     # ---------------------------------------------------------------------------------------------------------------
     return p

@@ -298,3 +298,25 @@ def test_merge_script_evaluates_the_merged_model_and_evaluate_only_reuses_it(
     assert again["gsm8k"]["accuracy"] == evaluation["gsm8k"]["accuracy"]
     with pytest.raises(UserError, match="no merged model"):
         merge.main([*common, "--evaluate_only", "--merged_model_path", str(tmp_path / "none")])
+
+
+def test_skip_evaluation_only_produces_the_dare_checkpoint(models, tmp_path, monkeypatch):
+    from model_merging_methods.mask_weights_utils import mask_model_weights
+
+    out, masked = tmp_path / "out", tmp_path / "masked"
+    monkeypatch.setattr(generation_backends, "create_backend", lambda *a, **k: pytest.fail("model built"))
+    # no data file is needed: nothing is generated
+    argv = ["--finetuned_model_name", str(models["ft"]), "--dataset_name", "gsm8k", "--output_dir", str(out),
+            "--weight_mask_rate", "0.9", "--use_weight_rescale", "--mask_strategy", "random",
+            "--pretrained_model_name", str(models["base"]), "--save_model_path", str(masked), "--skip_evaluation"]  # fmt: skip
+    assert inf.main(argv) == {}
+    expected = mask_model_weights(
+        load_file(models["ft"] / "model.safetensors"),
+        load_file(models["base"] / "model.safetensors"),
+        weight_mask_rate=0.9,
+        use_weight_rescale=True,
+        seed=0,
+    )
+    got = load_file(masked / "model.safetensors")
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert not list(out.rglob("generations.jsonl"))

@@ -78,9 +78,9 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
         help="keep the generations already in the run's generations.jsonl and generate only the rest",
     )
     g.add_argument(
-        "--skip_evaluation",
+        "--skip_scoring",
         action="store_true",
-        help="only generate and write the harness files; do not score",
+        help="only generate and write the harness files; do not score (score later with evaluate_generations.py)",
     )
     g.add_argument(
         "--data_file",
@@ -575,7 +575,7 @@ def evaluate_model(
                 f"alpaca_eval --model_outputs {files['alpaca_eval']} --annotators_config chatgpt_fn "
                 f"--name {save_name}"
             )
-        if _arg(args, "skip_evaluation"):
+        if _arg(args, "skip_scoring"):
             results["evaluated"] = False
         else:
             completions = [plan.done[it["index"]]["completion"] for it in plan.items]
