@@ -77,7 +77,7 @@ from model_merging_methods.merging_methods import (
     ties_merge_tensor_both_majorities,
     ties_trim_threshold,
 )
-from utils.cli import UserError
+from utils.cli import UserError, check_rate
 from utils.results_io import write_json
 
 __all__ = [
@@ -192,16 +192,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _check_rate(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{name} must be a number in [0, 1], got {value!r}") from exc
-    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-        raise UserError(f"{name} must be in [0, 1], got {value}")
-    return v
 
 
 def _check_coefficient(value: float) -> float:
@@ -1131,7 +1121,7 @@ def stream_mask_model(
     """DARE of one model, streamed: the same bytes as ``mask_model_weights(finetuned, pretrained, ...)`` (with
     ``model_index=None``) on the vocabulary-aligned models. Excluded tensors are copied from the fine-tuned model.
     Writes a complete model folder at ``output_path`` and returns the manifest."""
-    rate = _check_rate("weight_mask_rate", weight_mask_rate)
+    rate = check_rate("weight_mask_rate", weight_mask_rate)
     _check_dare(weight_format, mask_strategy)
     params = dict(
         weight_format=weight_format, weight_mask_rate=rate, use_weight_rescale=bool(use_weight_rescale),
@@ -1221,7 +1211,7 @@ def stream_merge(
     if len(finetuned) < 2:
         raise UserError(f"merging needs at least two fine-tuned models, got {len(finetuned)}")
     lam = _check_coefficient(scaling_coefficient)
-    ties_rate = _check_rate("param_value_mask_rate", param_value_mask_rate)
+    ties_rate = check_rate("param_value_mask_rate", param_value_mask_rate)
     if trim_scope not in TRIM_SCOPES:
         raise UserError(f"trim_scope must be one of {', '.join(TRIM_SCOPES)}; got {trim_scope!r}")
     method = merging_method_name
@@ -1239,7 +1229,7 @@ def stream_merge(
             weight_mask_rates = [weight_mask_rates] * len(finetuned)
         if len(weight_mask_rates) != len(finetuned):
             raise UserError(f"got {len(weight_mask_rates)} weight_mask_rates for {len(finetuned)} models")
-        rates = [_check_rate("weight_mask_rate", r) for r in weight_mask_rates]
+        rates = [check_rate("weight_mask_rate", r) for r in weight_mask_rates]
         method = mask_apply_method
         dare = _Dare(
             {i + 1: r for i, r in enumerate(rates)}, bool(use_weight_rescale), mask_strategy, weight_format,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 
@@ -28,10 +29,14 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 def check_rate(name: str, value: float) -> float:
-    """A rate must lie in [0, 1]."""
-    if not (0.0 <= float(value) <= 1.0):
+    """A rate must be a finite number in [0, 1]; anything else is a ``UserError``."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{name} must be a number in [0, 1], got {value!r}") from exc
+    if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
         raise UserError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
+    return rate
 
 
 def setup_logging(verbose: bool = False) -> None:
