@@ -325,10 +325,31 @@ def _delta_reports(family, cfg):
     }
 
 
-def reading(tables: dict[str, list[dict[str, Any]]], skills: list[str]) -> list[str]:
-    """Plain-language lines read off the tables (no judgement added): how much of each specialist's accuracy DARE
-    and the ablations keep, and how much of each specialist's accuracy each merge keeps."""
+# A specialist below this accuracy on its own skill did not learn it: the family is outside the toy's regime.
+WEAK_SPECIALIST_BELOW = 0.5
+
+
+def weak_specialist_warnings(family: list[dict[str, Any]], skills: list[str]) -> list[str]:
+    """One warning line per specialist whose accuracy on its own skill is below :data:`WEAK_SPECIALIST_BELOW`."""
+    rows = {r["model"]: r for r in family}
     lines = []
+    for s in skills:
+        acc, base = rows[f"{s} specialist"][s], rows["base"][s]
+        if acc < WEAK_SPECIALIST_BELOW:
+            lines.append(
+                f"warning: the {s} specialist learned its skill only weakly ({acc:.1%}, base {base:.1%}): this "
+                "family is outside the toy's regime and the DARE and merge numbers say little; the toy is "
+                "sensitive to the seed and to the CPU's floating-point order (README, 'The toy is fragile'): "
+                "try another --seed"
+            )
+    return lines
+
+
+def reading(tables: dict[str, list[dict[str, Any]]], skills: list[str]) -> list[str]:
+    """Plain-language lines read off the tables (no judgement added): a warning for a specialist that did not learn
+    its skill, how much of each specialist's accuracy DARE and the ablations keep, and how much of each
+    specialist's accuracy each merge keeps."""
+    lines = weak_specialist_warnings(tables["family"], skills)
     for row, ret in zip(tables["dare"], tables["dare_retention"]):
         kept = ", ".join(
             f"{k} {v:.0%}"

@@ -106,11 +106,11 @@ def test_real_evaluation_happened(ci_run):
     fam = {r["model"]: r for r in res["tables"]["family"]}
     skills = res["config"]["skills"]
     gains = {s: fam[f"{s} specialist"][s] - fam["base"][s] for s in skills}
-    # fine-tuning taught a specialist its skill: it beats the base on it by a wide margin (at this reduced size
-    # mostly the reversal specialist: 67.5% vs 0% here; the addition one hardly learns), and on average the
-    # specialists beat the base
+    # fine-tuning taught each specialist its skill: every specialist beats the base on its own skill, and one by a
+    # wide margin (at this reduced size: reversal 67.5% vs 0%, addition only 10% vs 5%, on 40 questions; the
+    # numbers are the same with 1 or 2 threads)
+    assert all(g > 0 for g in gains.values()), fam
     assert max(gains.values()) >= 0.15, fam
-    assert sum(gains.values()) > 0, fam
     # the numbers come from generated text scored by the GSM8K parser: the cache holds the completions
     cached = [json.loads(p.read_text()) for p in (out / "cache" / "eval").glob("*.json")]
     n_items = res["config"]["num_eval_items"]
@@ -157,3 +157,17 @@ def test_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --drop_rates must be in [0, 1], got 1.5"
     assert not (tmp_path / "q").exists()
+
+
+def test_weak_specialist_warning():
+    family = [
+        {"model": "base", "addition": 0.05, "reversal": 0.0},
+        {"model": "addition specialist", "addition": 0.1, "reversal": 0.0},
+        {"model": "reversal specialist", "addition": 0.0, "reversal": 0.5},
+    ]
+    lines = quickstart.weak_specialist_warnings(family, ["addition", "reversal"])
+    assert lines == [
+        "warning: the addition specialist learned its skill only weakly (10.0%, base 5.0%): this family is outside "
+        "the toy's regime and the DARE and merge numbers say little; the toy is sensitive to the seed and to the "
+        "CPU's floating-point order (README, 'The toy is fragile'): try another --seed"
+    ]

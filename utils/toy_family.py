@@ -23,6 +23,12 @@ the addition skill (<= 1.5%) and keeps at most 35% of the reversal one (the base
 delta must flip a behaviour, and half of a flip, or two flips at once, fail); specialists trained at a 3x smaller
 learning rate (``sft_lr=3e-5``) have |δ| inside the paper's 0.005 but learn too little (3.5% / 6%).
 
+The recipe is fragile. It works for seed 0 (specialists 98.5% / 100%); seeds 1 and 2 give 79.5% / 18% and
+29.5% / 2%, because the pre-trained model does not reliably learn to copy digits from the question. Cheaper
+pre-training (500 or 700 steps, 3 layers, batch 48, 800 steps at lr 5e-3) fails for seed 0 too; 1600 steps, a 2x
+larger ``sft_lr`` or twice the generic QA share of the corpus do not rescue seeds 1 and 2. ``quickstart.py`` warns
+when a specialist stays under 50% on its own skill.
+
 Stages are cached in folders named by a hash of their settings and of everything upstream
 (:func:`stage_key`), so changing, e.g., the specialists' learning rate retrains only the specialists.
 """
@@ -237,8 +243,10 @@ class FamilyConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     # CI size: small enough for a test (about a minute on 2 cores), still the real pipeline with real evaluation;
-    # at this size the reversal specialist learns its skill, the addition specialist hardly does (a 0.12M-parameter
-    # model memorises the few one-digit sums instead of copying the operands)
+    # at this size the reversal specialist learns its skill (67.5% vs the base's 0%), the addition specialist hardly
+    # does (10% vs 5%): with one-digit operands a held-out sum is a fact that occurs in no training data. With
+    # difficulty=2 (learnable sums) this small model does not learn to copy digits at all (every specialist 0%,
+    # with 2 or 3 layers)
     "ci": dict(
         difficulty=1,
         hidden_size=64,
