@@ -160,6 +160,38 @@ def _read(path: Path) -> Any:
         return json.load(f)
 
 
+def _dare_or_model_record(
+    name: str, model: str, dataset: str, metric: str, value: float, path: Path
+) -> list[dict[str, Any]]:
+    """A ``dare`` record when ``name`` is a DARE'd model's name (:func:`parse_dare_name`), else a ``model`` record
+    for ``model``."""
+    d = parse_dare_name(name)
+    if d is not None:
+        return [
+            {
+                "kind": "dare",
+                "model": d["model"],
+                "dataset": dataset,
+                "metric": metric,
+                "value": value,
+                "drop_rate": d["drop_rate"],
+                "variant": d["variant"],
+                "seed": d["seed"],
+                "source": str(path),
+            }
+        ]
+    return [
+        {
+            "kind": "model",
+            "model": model,
+            "dataset": dataset,
+            "metric": metric,
+            "value": value,
+            "source": str(path),
+        }
+    ]
+
+
 def _glue_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     parts = list(path.parts)
     task, pair = None, None
@@ -193,31 +225,8 @@ def _glue_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
                 "source": str(path),
             }
         ]
-    d = parse_dare_name(path.stem)
-    if d is not None:
-        return [
-            {
-                "kind": "dare",
-                "model": d["model"],
-                "dataset": task,
-                "metric": metric,
-                "value": value,
-                "drop_rate": d["drop_rate"],
-                "variant": d["variant"],
-                "seed": d["seed"],
-                "source": str(path),
-            }
-        ]
-    return [
-        {
-            "kind": "model",
-            "model": re.sub(r"_lr[0-9.eE+-]+(_run\d+)?$", r" fine-tuned\1", path.stem),
-            "dataset": task,
-            "metric": metric,
-            "value": value,
-            "source": str(path),
-        }
-    ]
+    model = re.sub(r"_lr[0-9.eE+-]+(_run\d+)?$", r" fine-tuned\1", path.stem)
+    return _dare_or_model_record(path.stem, model, task, metric, value, path)
 
 
 def llm_metric(dataset: str, data: dict[str, Any]) -> tuple[str, float] | None:
@@ -260,31 +269,7 @@ def _llm_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
                 "source": str(path),
             }
         ]
-    d = parse_dare_name(comps[-1])
-    if d is not None:
-        return [
-            {
-                "kind": "dare",
-                "model": d["model"],
-                "dataset": dataset,
-                "metric": metric,
-                "value": value,
-                "drop_rate": d["drop_rate"],
-                "variant": d["variant"],
-                "seed": d["seed"],
-                "source": str(path),
-            }
-        ]
-    return [
-        {
-            "kind": "model",
-            "model": save_name,
-            "dataset": dataset,
-            "metric": metric,
-            "value": value,
-            "source": str(path),
-        }
-    ]
+    return _dare_or_model_record(comps[-1], save_name, dataset, metric, value, path)
 
 
 def records_from_file(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
