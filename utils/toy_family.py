@@ -588,6 +588,41 @@ def _stage_done(folder: Path) -> bool:
     return (folder / "toy_family_stage.json").is_file()
 
 
+def _sft_stage(
+    cfg: FamilyConfig,
+    tokenizer,
+    src: Path,
+    dst: Path,
+    items: Sequence[ToyItem],
+    *,
+    steps: int,
+    lr: float,
+    warmup_steps: int,
+    desc: str,
+    stage_info: dict[str, Any],
+) -> None:
+    """Fine-tune the model in ``src`` on ``items`` (prompt masked out of the loss, batch ``cfg.sft_batch_size``)
+    and save it with its training statistics to ``dst``."""
+    import time
+
+    t0 = time.time()
+    model = _load(src)
+    data = _SFTExamples([sft_example(tokenizer, it) for it in items])
+    stats = _train(
+        model,
+        data,
+        steps=steps,
+        batch_size=cfg.sft_batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=cfg.seed,
+        collator=SFTCollator(tokenizer.pad_token_id),
+        desc=desc,
+    )
+    stats["seconds"] = time.time() - t0
+    _save(model, tokenizer, dst, {**stage_info, "config": cfg.to_dict(), **stats})
+
+
 def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str], None] = print) -> Family:
     """Build (or reuse from ``models_dir``) the pre-trained model, the base and one specialist per skill."""
     import time
@@ -638,34 +673,28 @@ def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str],
         _save(model, tokenizer, pre_dir, {"stage": "pretrained", "config": cfg.to_dict(), **stats})
     info["pretrained"] = json.loads((pre_dir / "toy_family_stage.json").read_text())
 
-    collator = SFTCollator(tokenizer.pad_token_id)
-
     # 2. generic instruction tuning -> the base
     if cfg.instruct_steps > 0:
         base_dir = models_dir / f"base-{stage_key(cfg, 'base')}"
         if _stage_done(base_dir):
             log(f"[cache] base (instruction-tuned) model: {base_dir}")
         else:
-            t0 = time.time()
-            model = _load(pre_dir)
-            data = _SFTExamples([sft_example(tokenizer, it) for it in instruct_items(cfg)])
             log(
                 "generic instruction tuning (the base: follows the Question/Answer format; "
                 f"{cfg.instruct_skill_fraction:.0%} of its examples are skill questions)"
             )
-            stats = _train(
-                model,
-                data,
+            _sft_stage(
+                cfg,
+                tokenizer,
+                pre_dir,
+                base_dir,
+                instruct_items(cfg),
                 steps=cfg.instruct_steps,
-                batch_size=cfg.sft_batch_size,
                 lr=cfg.instruct_lr,
                 warmup_steps=10,
-                seed=cfg.seed,
-                collator=collator,
                 desc="instruction tuning",
+                stage_info={"stage": "base"},
             )
-            stats["seconds"] = time.time() - t0
-            _save(model, tokenizer, base_dir, {"stage": "base", "config": cfg.to_dict(), **stats})
     else:
         base_dir = pre_dir
     info["base"] = json.loads((base_dir / "toy_family_stage.json").read_text())
@@ -678,34 +707,18 @@ def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str],
         if _stage_done(sdir):
             log(f"[cache] {skill} specialist: {sdir}")
         else:
-            t0 = time.time()
-            model = _load(base_dir)
-            data = _SFTExamples(
-                [
-                    sft_example(tokenizer, it)
-                    for it in sft_items(
-                        cfg, skill, cfg.sft_steps * cfg.sft_batch_size, cfg.sft_replay_fraction
-                    )
-                ]
-            )
             log(f"fine-tuning the {skill} specialist ({SKILLS[skill].description})")
-            stats = _train(
-                model,
-                data,
+            _sft_stage(
+                cfg,
+                tokenizer,
+                base_dir,
+                sdir,
+                sft_items(cfg, skill, cfg.sft_steps * cfg.sft_batch_size, cfg.sft_replay_fraction),
                 steps=cfg.sft_steps,
-                batch_size=cfg.sft_batch_size,
                 lr=cfg.sft_lr,
                 warmup_steps=cfg.sft_warmup_steps,
-                seed=cfg.seed,
-                collator=collator,
                 desc=f"{skill} SFT",
-            )
-            stats["seconds"] = time.time() - t0
-            _save(
-                model,
-                tokenizer,
-                sdir,
-                {"stage": "specialist", "skill": skill, "config": cfg.to_dict(), **stats},
+                stage_info={"stage": "specialist", "skill": skill},
             )
         specialists[skill] = sdir
         info[f"specialist/{skill}"] = json.loads((sdir / "toy_family_stage.json").read_text())
