@@ -58,14 +58,8 @@ METHOD_GRID_KEYS: dict[str, tuple[str, ...]] = {
     "regmean_merging": ("nums_regmean_examples", "reduce_non_diagonal_ratio"),
     "ties_merging": ("scaling_coefficient", "param_value_mask_rate"),
 }
-# hyper-parameter keys a plain result contributes to DARE + X (the original's best-dict keys)
-METHOD_RESULT_KEYS: dict[str, tuple[str, ...]] = {
-    "average_merging": (),
-    "task_arithmetic": ("scaling_coefficient",),
-    "fisher_merging": ("fisher_scaling_coefficients", "nums_fisher_examples"),
-    "regmean_merging": ("nums_regmean_examples", "reduce_non_diagonal_ratio"),
-    "ties_merging": ("scaling_coefficient", "param_value_mask_rate"),
-}
+# hyper-parameter keys a plain result contributes to DARE + X (the original's best-dict keys): its grid keys
+METHOD_RESULT_KEYS: dict[str, tuple[str, ...]] = METHOD_GRID_KEYS
 
 
 @dataclass
