@@ -159,29 +159,18 @@ def test_analyze_script_end_to_end(tmp_path):
 
 def test_analyze_script_errors(tmp_path):
     base_dir, _ = _family(tmp_path, 0.001)
+    args = [
+        "--pretrained_model_name",
+        str(base_dir),
+        "--finetuned_model_names",
+        str(tmp_path / "nope"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(UserError, match="model folder not found"):
-        analyze_delta_parameters.main(
-            [
-                "--pretrained_model_name",
-                str(base_dir),
-                "--finetuned_model_names",
-                str(tmp_path / "nope"),
-                "--output_dir",
-                str(tmp_path / "o"),
-                "--no_progress",
-            ]
-        )
+        analyze_delta_parameters.main([*args, "--no_progress"])
     proc = subprocess.run(
-        [
-            sys.executable,
-            "analyze_delta_parameters.py",
-            "--pretrained_model_name",
-            str(base_dir),
-            "--finetuned_model_names",
-            str(tmp_path / "nope"),
-            "--output_dir",
-            str(tmp_path / "o"),
-        ],
+        [sys.executable, "analyze_delta_parameters.py", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
