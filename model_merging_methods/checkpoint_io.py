@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from utils.cli import UserError
+from model_merging_methods.errors import MergeError as UserError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -60,6 +60,7 @@ from model_merging_methods.checkpoint_io import (
     torch_dtype_name,
     write_side_files,
 )
+from model_merging_methods.errors import MergeError as UserError
 from model_merging_methods.mask_weights_utils import (
     MASK_STRATEGIES,
     WEIGHT_FORMATS,
@@ -77,7 +78,7 @@ from model_merging_methods.merging_methods import (
     ties_merge_tensor_both_majorities,
     ties_trim_threshold,
 )
-from utils.cli import UserError, check_rate
+from utils.cli import check_rate
 from utils.results_io import write_json
 
 __all__ = [

@@ -7,12 +7,12 @@ import math
 import sys
 from collections.abc import Callable
 
+from model_merging_methods.errors import MergeError
 
-class UserError(Exception):
-    """A problem with the user's input (bad path, bad rate, mismatched models...).
-
-    Entry scripts let it propagate to :func:`run_main`, which prints ``error: <message>`` and exits with 2.
-    """
+# A problem with the user's input (bad path, bad rate, mismatched models...): the core's one error type under the
+# application's name. Entry scripts let it propagate to :func:`run_main`, which prints ``error: <message>`` and
+# exits with 2.
+UserError = MergeError
 
 
 def run_main(main: Callable[[], object]) -> None:
