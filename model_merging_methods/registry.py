@@ -25,6 +25,7 @@ composable with every method whose ``dare_prestep`` is true (``mask_merging`` + 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +130,7 @@ class MergeMethod:
     dare_prestep: bool = True
     stream_pass: Callable[..., dict[str, Any]] | None = None
     random: bool = False  # draws random numbers (seeded by the ``seed`` parameter and the model and tensor)
+    order: int = 100  # position in listings (the paper's five methods first)
 
     def scope_for(self, params: Mapping[str, Any]) -> str:
         scope = self.scope(params) if callable(self.scope) else self.scope
@@ -177,13 +179,6 @@ class MergeMethod:
 
 _REGISTRY: dict[str, MergeMethod] = {}
 _LOADED = False
-METHOD_MODULES = (
-    "average",
-    "task_arithmetic",
-    "fisher",
-    "regmean",
-    "ties",
-)
 
 
 def register(method: MergeMethod) -> MergeMethod:
@@ -208,10 +203,14 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def _load() -> None:
+    """Import every module of :mod:`model_merging_methods.methods` (each registers its method): adding a method is
+    adding a module, nothing else."""
     global _LOADED
     if not _LOADED:
-        for module in METHOD_MODULES:
-            importlib.import_module(f"model_merging_methods.methods.{module}")
+        import model_merging_methods.methods as package
+
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            importlib.import_module(f"{package.__name__}.{info.name}")
         _LOADED = True
 
 
@@ -219,14 +218,16 @@ def get_method(name: str) -> MergeMethod:
     """The declaration of method ``name``; an unknown name is a :class:`MergeError` listing the known ones."""
     _load()
     if name not in _REGISTRY:
-        raise MergeError(f"unknown merging method {name!r}; expected one of {', '.join(_REGISTRY)}")
+        raise MergeError(
+            f"unknown merging method {name!r}; expected one of {', '.join(m.name for m in all_methods())}"
+        )
     return _REGISTRY[name]
 
 
 def all_methods() -> list[MergeMethod]:
-    """Every registered method, in registration order."""
+    """Every registered method, by ``order`` (the paper's five first), then name."""
     _load()
-    return list(_REGISTRY.values())
+    return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
 
 
 def method_names(*, streamable: bool | None = None, dare_prestep: bool | None = None) -> list[str]:

@@ -1,2 +1,2 @@
 """One module per merging method; each declares its :class:`~model_merging_methods.registry.MergeMethod` and
-registers it on import (:data:`model_merging_methods.registry.METHOD_MODULES` lists them in order)."""
+registers it on import. The registry imports every module of this package, so adding a method is adding a module."""

@@ -25,6 +25,7 @@ def average_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 METHOD = register(
     MergeMethod(
+        order=10,
         name="average_merging",
         label="average",
         formula="θ = (1/M) Σ_i θ_i",

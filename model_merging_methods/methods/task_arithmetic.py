@@ -37,6 +37,7 @@ def task_arithmetic_tensor(
 
 METHOD = register(
     MergeMethod(
+        order=20,
         name="task_arithmetic",
         label="task arithmetic",
         formula="θ = θ_pre + λ Σ_i τ_i",

@@ -221,6 +221,7 @@ def _stream_pass(*args, **kwargs) -> dict[str, Any]:
 
 METHOD = register(
     MergeMethod(
+        order=50,
         name="ties_merging",
         label="TIES",
         formula="θ = θ_pre + λ · disjoint_mean(elect_sign(trim_r(τ_i)))",
