@@ -1,8 +1,17 @@
-"""Pairwise merging of GLUE fine-tuned encoders with hyper-parameter search (spec §2.3).
+"""Merging of GLUE fine-tuned classifiers (any HF backbone) with hyper-parameter search (spec §2.3), pairwise or
+all tasks at once.
 
-For every ordered pair (source, target) of ``--dataset_names`` (default: the 8 tasks, 56 pairs) the two
-fine-tuned models are merged with ``--merging_method_name`` (or DARE + ``--mask_apply_method`` for
-``mask_merging``), the target's classifier head is put on the merged encoder, and the target task is evaluated.
+``--merge_mode pairs`` (default, the original): for every ordered pair (source, target) of ``--dataset_names``
+(default: the 8 tasks, 56 pairs) the two fine-tuned backbones are merged with ``--merging_method_name`` (or DARE +
+``--mask_apply_method`` for ``mask_merging``), the target keeps its own head, and the target task is evaluated.
+
+``--merge_mode all`` (N-task, FusionBench's protocol): the backbones of every task are merged into one, and every
+task is evaluated on it with its own head. One setting is chosen for all tasks, on the mean score. Reported: each
+task's score, the mean, the fine-tuned models' scores and the mean normalised by them (merged / fine-tuned per task,
+averaged), and a table across every method run so far (JSON, CSV, Markdown, bar plot).
+
+Heads are never merged or masked: what the model class puts under its ``base_model_prefix`` is merged, the rest
+(BERT's ``classifier``, GPT-2's ``score``, DeBERTa's ``pooler`` + ``classifier``, ...) stays each task's own.
 Hyper-parameters are searched over the spec's grids (each overridable: give one or more values to the flag).
 Selection uses ``--selection_split`` (default ``validation``, the 10% held out of GLUE train) and the best
 candidate is reported on GLUE dev ("test"); ``--selection_split test`` is the original protocol.
@@ -10,8 +19,10 @@ candidate is reported on GLUE dev ("test"); ``--selection_split test`` is the or
 DARE + X takes the plain method's best hyper-parameters from its result file (same settings), and when that file
 does not exist it runs the plain search first (which writes it).
 
-Outputs: ``{results_dir}/{src}_{tgt}/{method}[/{apply}]/{lm}{suffix}.json`` per pair, where the suffix names every
-non-default setting, and ``{results_dir}/summary/{method}[_{apply}]/{lm}{suffix}.csv`` / ``.md`` across pairs.
+Outputs: ``{results_dir}/{src}_{tgt}/{method}[/{apply}]/{lm}{suffix}.json`` per pair and
+``{results_dir}/summary/{method}[_{apply}]/{lm}{suffix}.csv`` / ``.md`` across pairs; for ``all``,
+``{results_dir}/all_{tasks}/{method}[/{apply}]/{lm}{suffix}.json``, the fine-tuned scores in
+``{results_dir}/all_{tasks}/finetuned/`` and the table across methods in ``{results_dir}/summary/all_{tasks}/``.
 """
 
 from __future__ import annotations
@@ -20,68 +31,91 @@ import argparse
 import copy
 import itertools
 import logging
+import math
+from pathlib import Path
 
 import torch
 
 from utils.cli import UserError, check_rate, run_main, setup_logging
 from utils.customized_trainers import GlueEvaluator
-from utils.glue_data_loader import TASK_NAMES, check_task_names, get_task, load_glue_task
+from utils.glue_data_loader import MAX_SEQ_LENGTH, TASK_NAMES, check_task_names, load_glue_task
 from utils.glue_merging import (
     DATA_METHODS,
     DEFAULT_GRIDS,
-    EXCLUDE_PARAM_NAMES_REGEX,
+    INTEGER_GRID_KEYS,
+    MERGE_MODES,
     METHOD_RESULT_KEYS,
     METHODS,
+    RATE_GRID_KEYS,
+    SCORE_METRICS,
     MergeSettings,
-    PairMerger,
     StatsCache,
+    TaskMerger,
+    all_tasks_paths,
+    all_tasks_table,
     check_architectures,
+    common_suffix,
     grid_points,
     kept_parameters,
     load_parameters_,
+    mean_or_none,
+    method_label,
+    normalized_scores,
+    plot_all_tasks_table,
     result_path,
+    score_key,
+    search,
     search_pair,
     summary_path,
 )
 from utils.glue_paths import (
     DEFAULT_MODELS_DIR,
+    check_model_configs,
+    check_model_template,
+    check_outputs,
+    head_parameter_names,
     load_sequence_classifier,
     load_tokenizer,
+    local_inputs,
+    model_short_name,
     require_finetuned_model,
+    write_output,
 )
 from utils.merge_statistics import FISHER_VARIANTS
 from utils.results_io import read_json, round_floats, write_json, write_table
 
 logger = logging.getLogger("merge_plms_glue")
 
+GRID_HELP = {
+    "scaling_coefficient": "λ of task arithmetic and TIES",
+    "fisher_scaling_coefficients": "the same value for every model",
+    "param_value_mask_rate": "TIES trim rate",
+    "weight_mask_rate": "DARE drop rates",
+}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--language_model_name", default="roberta-base", help="model name or local folder")
     p.add_argument("--merging_method_name", default="average_merging", choices=METHODS)
-    p.add_argument("--mask_apply_method", default="average_merging", choices=METHODS[:-1])
-    grid = "grid values (default: the spec's grid %s)"
     p.add_argument(
-        "--scaling_coefficient",
-        type=float,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["scaling_coefficient"] + "; task_arithmetic and ties_merging",
+        "--mask_apply_method", default="average_merging", choices=[m for m in METHODS if m != "mask_merging"]
     )
     p.add_argument(
-        "--fisher_scaling_coefficients",
-        type=float,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["fisher_scaling_coefficients"] + "; the same value for both models",
+        "--merge_mode",
+        default="pairs",
+        choices=MERGE_MODES,
+        help="pairs: every ordered pair, target evaluated (the original); all: every task at once",
     )
-    p.add_argument(
-        "--nums_fisher_examples",
-        type=int,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["nums_fisher_examples"],
-    )
+    # one flag per grid key (a method added to the tables gets its flags without code here)
+    for key, default in DEFAULT_GRIDS.items():
+        p.add_argument(
+            f"--{key}",
+            type=int if key in INTEGER_GRID_KEYS else float,
+            nargs="+",
+            default=None,
+            help=f"grid values (default: {default})" + (f"; {GRID_HELP[key]}" if key in GRID_HELP else ""),
+        )
     p.add_argument(
         "--normalize_fisher_weight",
         action="store_true",
@@ -95,40 +129,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="faithful: the original's batch estimator; per_example: per-example Fisher",
     )
     p.add_argument(
-        "--nums_regmean_examples",
-        type=int,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["nums_regmean_examples"],
-    )
-    p.add_argument(
-        "--reduce_non_diagonal_ratio",
-        type=float,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["reduce_non_diagonal_ratio"],
-    )
-    p.add_argument(
         "--regmean_exclude_padding",
         action="store_true",
         help="leave padded positions out of the RegMean Gram matrices",
     )
-    p.add_argument(
-        "--param_value_mask_rate",
-        type=float,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["param_value_mask_rate"] + " (TIES trim rate)",
-    )
     p.add_argument("--ties_trim_scope", default="global", choices=["global", "tensor"])
     p.add_argument("--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"])
-    p.add_argument(
-        "--weight_mask_rate",
-        type=float,
-        nargs="+",
-        default=None,
-        help=grid % DEFAULT_GRIDS["weight_mask_rate"] + " (DARE drop rates)",
-    )
     p.add_argument("--use_weight_rescale", action="store_true")
     p.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
     p.add_argument("--batch_size", type=int, default=16, help="statistics and evaluation batch size")
@@ -139,14 +145,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dataset_names", nargs="+", default=list(TASK_NAMES), help="tasks (ordered pairs among them)"
     )
     p.add_argument("--selection_split", default="validation", choices=["validation", "test"])
+    p.add_argument(
+        "--metric",
+        default="main",
+        choices=SCORE_METRICS,
+        help="score: each task's GLUE main metric, or accuracy on every task (FusionBench)",
+    )
     p.add_argument("--seed", type=int, default=0, help="DARE masks and the data order of the statistics")
     p.add_argument("--glue_data_dir", default=None, help="local GLUE folder (TSV layout); default: the hub")
     p.add_argument("--max_train_samples", type=int, default=None, help="first N training rows (statistics)")
     p.add_argument("--max_eval_samples", type=int, default=None, help="first N validation and test rows")
+    p.add_argument("--max_seq_length", type=int, default=MAX_SEQ_LENGTH, help="truncation length in tokens")
     p.add_argument(
         "--learning_rate", type=float, default=None, help="learning rate in the model folder names"
     )
     p.add_argument("--models_dir", default=DEFAULT_MODELS_DIR)
+    p.add_argument(
+        "--finetuned_model_template",
+        default=None,
+        help="each task's fine-tuned model as a hub id or folder with {task}, e.g. tanganke/gpt2_{task} "
+        "(instead of --models_dir/{task}/{lm}_lr{lr})",
+    )
     p.add_argument("--results_dir", default="./save_merge_results")
     return p.parse_args(argv)  # fmt: skip
 
@@ -154,21 +173,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> MergeSettings:
     grids = copy.deepcopy(DEFAULT_GRIDS)
     for key in grids:
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             grids[key] = list(getattr(args, key))
-    for key in ("param_value_mask_rate", "weight_mask_rate", "reduce_non_diagonal_ratio"):
-        for value in grids[key]:
+    for key in RATE_GRID_KEYS:
+        for value in grids.get(key, []):
             check_rate(f"--{key}", value)
-    for key in ("nums_fisher_examples", "nums_regmean_examples"):
-        if any(n < 1 for n in grids[key]):
+    for key in INTEGER_GRID_KEYS:
+        if any(n < 1 for n in grids.get(key, [])):
             raise UserError(f"--{key} values must be at least 1")
+    for key, values in grids.items():
+        if not all(math.isfinite(float(v)) for v in values):
+            raise UserError(f"--{key} values must be finite numbers")
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     for key in ("max_train_samples", "max_eval_samples"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1")
-    if not args.minimal_fisher_weight >= 0:
-        raise UserError("--minimal_fisher_weight must be non-negative")
+    if args.max_seq_length < 2:
+        raise UserError("--max_seq_length must be at least 2")
+    if not args.minimal_fisher_weight >= 0 or args.minimal_fisher_weight == float("inf"):
+        raise UserError("--minimal_fisher_weight must be a finite non-negative number")
+    if args.finetuned_model_template is not None:
+        check_model_template(args.finetuned_model_template)
     return MergeSettings(
         merging_method_name=args.merging_method_name, language_model_name=args.language_model_name,
         mask_apply_method=args.mask_apply_method, selection_split=args.selection_split, seed=args.seed,
@@ -177,74 +203,139 @@ def settings_from_args(args: argparse.Namespace) -> MergeSettings:
         normalize_fisher_weight=args.normalize_fisher_weight, minimal_fisher_weight=args.minimal_fisher_weight,
         regmean_exclude_padding=args.regmean_exclude_padding, ties_trim_scope=args.ties_trim_scope,
         weight_format=args.weight_format, use_weight_rescale=args.use_weight_rescale,
-        mask_strategy=args.mask_strategy, grids=grids,
+        mask_strategy=args.mask_strategy, grids=grids, metric=args.metric, max_seq_length=args.max_seq_length,
+        finetuned_model_template=args.finetuned_model_template,
     )  # fmt: skip
 
 
+def planned_outputs(args: argparse.Namespace, settings: MergeSettings, tasks: list[str]) -> list[tuple]:
+    """Every file this invocation may write (DARE + X may also write the plain method's result)."""
+    variants = [settings] + ([settings.plain()] if settings.is_dare else [])
+    outputs: list[tuple] = []
+    if args.merge_mode == "all":
+        paths = all_tasks_paths(args.results_dir, tasks, settings)
+        outputs += [
+            ("--results_dir", result_path(args.results_dir, tasks, settings=s), False) for s in variants
+        ]
+        outputs += [("--results_dir", paths["finetuned"], False)]
+        outputs += [
+            ("--results_dir", f"{paths['table']}{ext}", False) for ext in (".json", ".csv", ".md", ".png")
+        ]
+    else:
+        for s in variants:
+            outputs += [("--results_dir", result_path(args.results_dir, a, b, s), False)
+                        for a, b in itertools.permutations(tasks, 2)]  # fmt: skip
+        summary = summary_path(args.results_dir, settings)
+        outputs += [("--results_dir", f"{summary}{ext}", False) for ext in (".csv", ".md")]
+    return outputs
+
+
 class GlueMergeRun:
-    """State shared by the pairs of one invocation: tokenizer, data, models, statistics cache."""
+    """State shared by the merges of one invocation: tokenizer, data, models, statistics cache."""
 
     def __init__(self, args: argparse.Namespace, settings: MergeSettings, tasks: list[str]):
         self.args, self.settings, self.tasks = args, settings, tasks
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model_dirs = {
-            t: require_finetuned_model(args.models_dir, t, args.language_model_name, args.learning_rate)
+            t: require_finetuned_model(
+                args.models_dir,
+                t,
+                args.language_model_name,
+                args.learning_rate,
+                args.finetuned_model_template,
+            )
             for t in tasks
         }
+        # before anything heavy is loaded or anything written: configs, then the output paths
+        check_model_configs(
+            {"--language_model_name": args.language_model_name,
+             **{f"the {t} model {self.model_dirs[t]}": d for t, d in self.model_dirs.items()}}
+        )  # fmt: skip
+        check_outputs(
+            planned_outputs(args, settings, tasks),
+            local_inputs(**{"--language_model_name": args.language_model_name, "--glue_data_dir": args.glue_data_dir,
+                            **{f"the {t} model": d for t, d in self.model_dirs.items()}}),
+        )  # fmt: skip
         self.tokenizer = load_tokenizer(args.language_model_name)
         splits = ["test"] + (["validation"] if settings.selection_split == "validation" else [])
         if settings.base_method in DATA_METHODS:
             splits.append("train")
         self.data = {
-            t: load_glue_task(t, self.tokenizer, args.glue_data_dir, splits,
+            t: load_glue_task(t, self.tokenizer, args.glue_data_dir, splits, max_seq_length=settings.max_seq_length,
                               max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
             for t in tasks
         }  # fmt: skip
-        self.models = {t: load_sequence_classifier(self.model_dirs[t]).to(self.device) for t in tasks}
-        pretrained_model = load_sequence_classifier(args.language_model_name)
+        pad = self.tokenizer.pad_token_id
+        self.models = {
+            t: load_sequence_classifier(self.model_dirs[t], pad_token_id=pad).to(self.device) for t in tasks
+        }
+        pretrained_model = load_sequence_classifier(args.language_model_name, pad_token_id=pad)
         check_architectures(
             pretrained_model, {f"{t} ({self.model_dirs[t]})": m for t, m in self.models.items()}
         )
         self.pretrained = {n: p.to(self.device) for n, p in kept_parameters(pretrained_model).items()}
         del pretrained_model
+        self.heads = {t: head_parameter_names(m) for t, m in self.models.items()}
         self.cache = StatsCache()
 
+    # ------------------------------------------------------------------------------------------- shared
+    def _candidates(
+        self, settings: MergeSettings, num_models: int, plain_path: Path, run_plain
+    ) -> list[dict]:
+        """The grid of the base method, or for DARE + X the plain method's best hyper-parameters × the DARE
+        rates (running the plain search first when its result file does not exist)."""
+        if not settings.is_dare:
+            return grid_points(settings, num_models)
+        if plain_path.is_file():
+            plain = read_json(plain_path)
+            logger.info("plain %s hyper-parameters from %s", settings.base_method, plain_path)
+        else:
+            logger.info("no %s; searching the plain %s first", plain_path, settings.base_method)
+            plain = run_plain()
+        source = plain.get("hyperparameters", plain) if isinstance(plain, dict) else {}
+        missing = [k for k in METHOD_RESULT_KEYS[settings.base_method] if k not in source]
+        if missing:
+            raise UserError(f"{plain_path} lacks the hyper-parameter(s) {missing}")
+        base_hp = {k: source[k] for k in METHOD_RESULT_KEYS[settings.base_method]}
+        return [{**base_hp, "weight_mask_rate": r} for r in settings.grids["weight_mask_rate"]]
+
+    def _merger(self, settings: MergeSettings, tasks: list[str]) -> TaskMerger:
+        return TaskMerger(
+            settings, self.pretrained, [self.models[t] for t in tasks], tasks,
+            {t: self.data[t]["train"] for t in tasks if "train" in self.data[t]}, self.tokenizer, self.cache,
+        )  # fmt: skip
+
+    def _evaluator(self, task: str, settings: MergeSettings) -> GlueEvaluator:
+        eval_model = copy.deepcopy(self.models[task])  # the task's own head stays; the backbone is replaced
+        return GlueEvaluator(eval_model, self.tokenizer, self.args.batch_size, seed=settings.seed)
+
+    def _check_heads(self, task: str, evaluator: GlueEvaluator) -> None:
+        own = dict(self.models[task].named_parameters())
+        for name, p in evaluator.model.named_parameters():
+            if name in self.heads[task] and not torch.equal(p.detach(), own[name].detach()):
+                raise RuntimeError(f"{task}: head parameter {name} changed")  # pragma: no cover - a bug
+
+    # ------------------------------------------------------------------------------------------- pairs
     def run_pair(self, source: str, target: str, settings: MergeSettings) -> dict:
         """Search (or read) the result of one pair for ``settings``; DARE + X first makes sure the plain
         method's result exists."""
         path = result_path(self.args.results_dir, source, target, settings)
-        if settings.is_dare:
-            plain_path = result_path(self.args.results_dir, source, target, settings.plain())
-            if plain_path.is_file():
-                plain = read_json(plain_path)
-                logger.info("%s -> %s: plain %s hyper-parameters from %s", source, target,
-                            settings.base_method, plain_path)  # fmt: skip
-            else:
-                logger.info("%s -> %s: no %s; searching the plain %s first", source, target, plain_path,
-                            settings.base_method)  # fmt: skip
-                plain = self.run_pair(source, target, settings.plain())
-            missing = [k for k in METHOD_RESULT_KEYS[settings.base_method] if k not in plain]
-            if missing:
-                raise UserError(f"{plain_path} lacks the hyper-parameter(s) {missing}")
-            base_hp = {k: plain[k] for k in METHOD_RESULT_KEYS[settings.base_method]}
-            candidates = [{**base_hp, "weight_mask_rate": r} for r in settings.grids["weight_mask_rate"]]
-        else:
-            candidates = grid_points(settings)
-
-        tasks = [source, target]
-        merger = PairMerger(
-            settings, self.pretrained, [self.models[t] for t in tasks], tasks,
-            {t: self.data[t]["train"] for t in tasks if "train" in self.data[t]}, self.tokenizer, self.cache,
-        )  # fmt: skip
-        eval_model = copy.deepcopy(self.models[target])  # the target's head stays; the encoder is replaced
-        evaluator = GlueEvaluator(eval_model, self.tokenizer, self.args.batch_size, seed=settings.seed)
+        plain_path = result_path(self.args.results_dir, source, target, settings.plain())
+        candidates = self._candidates(
+            settings, 2, plain_path, lambda: self.run_pair(source, target, settings.plain())
+        )
+        merger = self._merger(settings, [source, target])
+        evaluator = self._evaluator(target, settings)
 
         def evaluate(params, split):
             load_parameters_(evaluator.model, params)
             return evaluator.evaluate(self.data[target][split], target)
 
         try:
-            found = search_pair(merger, candidates, evaluate, target, settings.selection_split)
+            found = search_pair(
+                merger, candidates, evaluate, target, settings.selection_split, settings.metric
+            )
+            self._check_heads(target, evaluator)
         finally:
             evaluator.close()
         result = {
@@ -256,32 +347,136 @@ class GlueMergeRun:
             **({"mask_apply_method": settings.mask_apply_method} if settings.is_dare else {}),
             "selection_split": settings.selection_split,
             "selection_metrics": found["selection_metrics"],
-            "excluded_parameters": list(EXCLUDE_PARAM_NAMES_REGEX),
+            "excluded_parameters": self.heads[target],
             "search": found["search"],
         }
         result = round_floats(result)
-        write_json(path, result)
-        main = get_task(target).main_metric
+        write_output(path, lambda p: write_json(p, result))
+        key = score_key(target, settings.metric)
         logger.info("%s -> %s %s: best %s, test %s = %s -> %s", source, target, settings.merging_method_name,
-                    found["hyperparameters"], main, result.get(f"eval_{main}"), path)  # fmt: skip
+                    found["hyperparameters"], key, result.get(key), path)  # fmt: skip
         return result
+
+    # ------------------------------------------------------------------------------------------- all tasks
+    def finetuned_scores(self, settings: MergeSettings) -> dict:
+        """Each fine-tuned model on its own task's test split (cached in a file per protocol)."""
+        path = all_tasks_paths(self.args.results_dir, self.tasks, settings)["finetuned"]
+        if path.is_file():
+            data = read_json(path)
+            if isinstance(data, dict) and list(data.get("tasks", [])) == self.tasks and "test_scores" in data:
+                return data
+        metrics, scores = {}, {}
+        for task in self.tasks:
+            evaluator = GlueEvaluator(
+                self.models[task], self.tokenizer, self.args.batch_size, seed=settings.seed
+            )
+            try:
+                metrics[task] = round_floats(evaluator.evaluate(self.data[task]["test"], task))
+            finally:
+                evaluator.close()
+            scores[task] = metrics[task].get(score_key(task, settings.metric))
+        data = {
+            "merge_mode": "all", "method": "fine-tuned (individual)", "tasks": self.tasks,
+            "model": model_short_name(settings.language_model_name), "common_suffix": common_suffix(settings),
+            "metric": settings.metric, "score_keys": {t: score_key(t, settings.metric) for t in self.tasks},
+            "models": {t: str(d) for t, d in self.model_dirs.items()}, "test_scores": scores,
+            "mean": mean_or_none(list(scores.values())), "test_metrics": metrics,
+        }  # fmt: skip
+        data = round_floats(data)
+        write_output(path, lambda p: write_json(p, data))
+        return data
+
+    def run_all(self, settings: MergeSettings) -> dict:
+        """Merge every task's backbone at once, evaluate every task with its own head, select on the mean."""
+        tasks = self.tasks
+        path = result_path(self.args.results_dir, tasks, settings=settings)
+        plain_path = result_path(self.args.results_dir, tasks, settings=settings.plain())
+        candidates = self._candidates(
+            settings, len(tasks), plain_path, lambda: self.run_all(settings.plain())
+        )
+        reference = self.finetuned_scores(settings)
+        merger = self._merger(settings, tasks)
+        evaluators = {t: self._evaluator(t, settings) for t in tasks}
+        keys = {t: score_key(t, settings.metric) for t in tasks}
+
+        def evaluate(params, split):
+            out = {}
+            for t in tasks:
+                load_parameters_(evaluators[t].model, params)
+                out[t] = evaluators[t].evaluate(self.data[t][split], t)
+            return out
+
+        def score(metrics):
+            return mean_or_none([metrics[t].get(keys[t]) for t in tasks])
+
+        try:
+            found = search(merger, candidates, evaluate, score, settings.selection_split, "all tasks")
+            for t in tasks:
+                self._check_heads(t, evaluators[t])
+        finally:
+            for ev in evaluators.values():
+                ev.close()
+        test_scores = {t: found["test_metrics"][t].get(keys[t]) for t in tasks}
+        normalized = normalized_scores(test_scores, reference["test_scores"])
+        result = {
+            "merge_mode": "all",
+            "tasks": tasks,
+            "model": model_short_name(settings.language_model_name),
+            "language_model_name": settings.language_model_name,
+            "merging_method_name": settings.merging_method_name,
+            **({"mask_apply_method": settings.mask_apply_method} if settings.is_dare else {}),
+            "use_weight_rescale": settings.use_weight_rescale,
+            "mask_strategy": settings.mask_strategy,
+            "weight_format": settings.weight_format,
+            "method": method_label(settings),
+            "metric": settings.metric,
+            "score_keys": keys,
+            "common_suffix": common_suffix(settings),
+            "hyperparameters": found["hyperparameters"],
+            "test_scores": test_scores,
+            "mean": mean_or_none(list(test_scores.values())),
+            "finetuned_scores": reference["test_scores"],
+            "finetuned_mean": reference["mean"],
+            "normalized_scores": normalized,
+            "normalized_mean": mean_or_none(list(normalized.values())),
+            "selection_split": settings.selection_split,
+            "selection_scores": {t: found["selection_metrics"][t].get(keys[t]) for t in tasks},
+            "selection_mean": found["selection_score"],
+            "test_metrics": found["test_metrics"],
+            "excluded_parameters": self.heads,
+            "search": found["search"],
+        }
+        result = round_floats(result)
+        write_output(path, lambda p: write_json(p, result))
+        logger.info("all tasks %s: best %s, test mean %s (normalised %s) -> %s", method_label(settings),
+                    found["hyperparameters"], result["mean"], result["normalized_mean"], path)  # fmt: skip
+        return result
+
+    def write_all_tasks_table(self, settings: MergeSettings) -> Path:
+        stem = all_tasks_paths(self.args.results_dir, self.tasks, settings)["table"]
+        rows = round_floats(all_tasks_table(self.args.results_dir, self.tasks, settings))
+        write_output(f"{stem}.json", lambda p: write_json(p, {"tasks": self.tasks, "rows": rows}))
+        write_output(f"{stem}.csv", lambda p: write_table(rows, f"{stem}.csv", f"{stem}.md"))
+        title = f"{model_short_name(settings.language_model_name)}: all-task merges ({settings.metric} metric, test)"
+        write_output(f"{stem}.png", lambda p: plot_all_tasks_table(rows, self.tasks, p, title))
+        return stem
 
 
 def summary_row(result: dict, settings: MergeSettings) -> dict:
     target = result["target_dataset"]
-    main = get_task(target).main_metric
+    key = score_key(target, settings.metric)
     row = {"source": result["source_dataset"], "target": target, "method": settings.merging_method_name}
     if settings.is_dare:
         row["mask_apply_method"] = settings.mask_apply_method
-    for key in (
+    for k in (
         *METHOD_RESULT_KEYS[settings.base_method],
         *(("weight_mask_rate",) if settings.is_dare else ()),
     ):
-        value = result.get(key)
-        row[key] = value[0] if isinstance(value, list) else value
-    row["main_metric"] = main
-    row[f"{settings.selection_split}_score"] = result["selection_metrics"].get(f"eval_{main}")
-    row["test_score"] = result.get(f"eval_{main}")
+        value = result.get(k)
+        row[k] = value[0] if isinstance(value, list) else value
+    row["main_metric"] = key[5:]
+    row[f"{settings.selection_split}_score"] = result["selection_metrics"].get(key)
+    row["test_score"] = result.get(key)
     return row
 
 
@@ -290,12 +485,20 @@ def main(argv=None) -> list[dict]:
     setup_logging()
     tasks = check_task_names(args.dataset_names)
     if len(tasks) < 2:
-        raise UserError("--dataset_names needs at least two tasks (merging works on ordered pairs)")
+        raise UserError("--dataset_names needs at least two tasks (merging needs two models or more)")
     settings = settings_from_args(args)
-    run = GlueMergeRun(args, settings, tasks)  # validates models and data before anything is written
+    for task in tasks:
+        score_key(task, settings.metric)
+    run = GlueMergeRun(args, settings, tasks)  # validates models, data and outputs before anything is written
+    if args.merge_mode == "all":
+        result = run.run_all(settings)
+        stem = run.write_all_tasks_table(settings)
+        logger.info("table across methods -> %s.csv / .md / .json / .png", stem)
+        return [result]
     results = [run.run_pair(s, t, settings) for s, t in itertools.permutations(tasks, 2)]
     summary = summary_path(args.results_dir, settings)
-    write_table([summary_row(r, settings) for r in results], f"{summary}.csv", f"{summary}.md")
+    rows = [summary_row(r, settings) for r in results]
+    write_output(f"{summary}.csv", lambda p: write_table(rows, f"{summary}.csv", f"{summary}.md"))
     logger.info("summary -> %s.csv / .md", summary)
     return results
 

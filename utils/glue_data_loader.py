@@ -155,13 +155,26 @@ def _convert_label(task: GlueTask, value: str, where: str) -> int | float:
 
 
 def _read_tsv(task: GlueTask, path: Path) -> RawSplit:
+    try:
+        return _read_tsv_rows(task, path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: not a readable TSV file ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_tsv_rows(task: GlueTask, path: Path) -> RawSplit:
     text_col, pair_col, label_col = _TSV_COLUMNS[task.name]
     has_header = task.name != "cola"
     texts, pairs, labels = [], [], []
     # utf-8-sig drops MRPC's byte-order mark; QUOTE_NONE because GLUE texts contain bare quote characters.
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader) if has_header else None
+        header = next(reader, None) if has_header else None
+        if has_header and header is None:
+            raise UserError(f"{path}: empty file (no header row, no data)")
         if header is not None:
             missing = [c for c in (text_col, pair_col, label_col) if c is not None and c not in header]
             if missing:
@@ -183,27 +196,38 @@ def _read_tsv(task: GlueTask, path: Path) -> RawSplit:
                 pairs.append(row[pair_i])
             labels.append(_convert_label(task, row[label_i], f"{path}:{line_no}"))
     if not texts:
-        raise UserError(f"{path}: no rows")
+        raise UserError(f"{path}: no data rows")
     return RawSplit(tuple(texts), tuple(pairs) if pair_col is not None else None, tuple(labels))
 
 
 def _read_jsonl(task: GlueTask, path: Path) -> RawSplit:
     texts, pairs, labels = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(row[task.text_key])
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = row[task.text_key]
+                    pair = row[task.text_pair_key] if task.text_pair_key is not None else None
+                    raw_label = row["label"]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError, RecursionError) as exc:
+                    raise UserError(f"{path}:{line_no}: not a {task.name} JSON row ({exc})") from None
+                if not isinstance(text, str) or (
+                    task.text_pair_key is not None and not isinstance(pair, str)
+                ):
+                    raise UserError(f"{path}:{line_no}: the texts of a {task.name} row must be strings")
+                texts.append(text)
                 if task.text_pair_key is not None:
-                    pairs.append(row[task.text_pair_key])
-                raw_label = row["label"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"{path}:{line_no}: not a {task.name} JSON row ({exc})") from None
-            labels.append(_convert_label(task, str(raw_label), f"{path}:{line_no}"))
+                    pairs.append(pair)
+                labels.append(_convert_label(task, str(raw_label), f"{path}:{line_no}"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not texts:
-        raise UserError(f"{path}: no rows")
+        raise UserError(f"{path}: no data rows")
     return RawSplit(tuple(texts), tuple(pairs) if task.text_pair_key else None, tuple(labels))
 
 
@@ -233,7 +257,11 @@ def load_raw_split(task_name: str, which: str, glue_data_dir: str | None = None)
     if glue_data_dir is not None:
         glue_dir = Path(glue_data_dir)
         if not glue_dir.is_dir():
-            raise UserError(f"GLUE data folder not found: {glue_dir}")
+            raise UserError(
+                f"--glue_data_dir {glue_dir} is not a folder"
+                if glue_dir.exists()
+                else f"GLUE data folder not found: {glue_dir}"
+            )
         path = _local_file(task, glue_dir, which)
         return _read_jsonl(task, path) if path.suffix == ".jsonl" else _read_tsv(task, path)
     return _load_hub_split(task, which)
@@ -282,6 +310,11 @@ def load_raw_task_splits(
     out: dict[str, RawSplit] = {}
     if "train" in splits or "validation" in splits:
         train = load_raw_split(task_name, "train", glue_data_dir)
+        if len(train) < 2:
+            raise UserError(
+                f"{task_name}: the GLUE train set has {len(train)} row(s); at least 2 are needed to split it "
+                "into train (90%) and validation (10%)"
+            )
         train_idx, val_idx = split_indices(len(train))
         if "train" in splits:
             out["train"] = train.subset(_limit(train_idx, max_train_samples))

@@ -23,7 +23,8 @@ Fisher (spec §4.3), ``variant="faithful"`` (default), per batch ``b`` of the no
 Both keep a running sum (never a list of per-batch copies), use ``torch.autograd.grad`` (no ``.grad`` is left on
 the model) and keep the model in eval mode (no dropout), as the original did.
 
-RegMean (spec §4.4): forward hooks on the ``nn.Linear`` modules whose weight is merged (not excluded heads);
+RegMean (spec §4.4): forward hooks on the ``nn.Linear`` modules (and GPT-2's ``Conv1D``, whose weight is stored
+``in × out``: see :func:`transposed_weight_names`) whose weight is merged (not excluded heads);
 for each, ``G = Σ XᵀX / (number of rows)`` over the rows ``X`` of the module input reshaped to
 ``(batch·seq_len, in_features)`` (or ``(batch, in)`` for 2-D inputs such as BERT's pooler). Faithful default:
 padded positions are rows too; ``exclude_padding=True`` keeps only positions with ``attention_mask == 1``
@@ -50,14 +51,35 @@ def merged_param_names(model: nn.Module, exclude_param_names_regex: Sequence[str
     return [n for n, _ in model.named_parameters() if not any(p.match(n) for p in patterns)]
 
 
-def merged_linear_modules(model: nn.Module, param_names: Iterable[str]) -> dict[str, nn.Linear]:
-    """``weight name → nn.Linear`` for the Linear modules whose weight is among ``param_names``."""
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``: a linear layer whose weight is stored ``in × out``."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def merged_linear_modules(model: nn.Module, param_names: Iterable[str]) -> dict[str, nn.Module]:
+    """``weight name → module`` for the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules whose weight is among
+    ``param_names``."""
     wanted = set(param_names)
     return {
         f"{name}.weight": module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and f"{name}.weight" in wanted
+        if (isinstance(module, nn.Linear) or _is_conv1d(module)) and f"{name}.weight" in wanted
     }
+
+
+def transposed_weight_names(model: nn.Module, param_names: Iterable[str] | None = None) -> list[str]:
+    """Weights stored ``in × out`` (GPT-2 ``Conv1D``) among ``param_names`` (default: all). The core's RegMean
+    expects ``out × in``: transpose these before merging and back after."""
+    wanted = None if param_names is None else set(param_names)
+    return [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if _is_conv1d(module) and (wanted is None or f"{name}.weight" in wanted)
+    ]
+
+
+def _in_features(module: nn.Module) -> int:
+    return int(module.weight.shape[0]) if _is_conv1d(module) else int(module.in_features)
 
 
 def _model_inputs(batch: Mapping, device: torch.device) -> dict[str, torch.Tensor]:
@@ -206,7 +228,7 @@ def collect_regmean_grams_at(
         return {n: {} for n in nums}
     device = next(iter(modules.values())).weight.device
     sums = {
-        name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+        name: torch.zeros(_in_features(m), _in_features(m), dtype=torch.float64, device=device)
         for name, m in modules.items()
     }
     rows = dict.fromkeys(modules, 0)

@@ -3,6 +3,8 @@
 * cola → ``matthews_correlation``; sst2, mnli, qnli, rte → ``accuracy``; mrpc, qqp → ``accuracy`` + ``f1``;
   stsb → ``pearson`` + ``spearmanr``.
 * Whenever a task returns more than one value, ``averaged_scores`` = their arithmetic mean.
+* Every classification task also reports ``accuracy`` (for CoLA an extra key, outside ``averaged_scores``), so
+  FusionBench's "accuracy on every task" can be read from any result.
 * Main metric (selection and reporting): see :data:`utils.glue_data_loader.GLUE_TASKS` (``averaged_scores``
   for mrpc, stsb and qqp).
 * Predictions: ``argmax`` over the logits when there is more than one column, else the regression value.
@@ -56,6 +58,8 @@ def glue_scores(task_name: str, predictions: Sequence, references: Sequence) -> 
             raise ValueError(f"unknown metric {name}")
     if len(scores) > 1:
         scores["averaged_scores"] = float(np.mean(list(scores.values())))
+    if not task.is_regression and "accuracy" not in scores:  # CoLA: accuracy too (FusionBench reports it)
+        scores["accuracy"] = float(accuracy_score(refs.astype(np.int64), preds.astype(np.int64)))
     return scores
 
 

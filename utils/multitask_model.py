@@ -1,4 +1,8 @@
-"""Multi-task GLUE model: a shared encoder (``AutoModel``, with its pooler) and one linear head per task.
+"""Multi-task GLUE model: a shared backbone (``AutoModel``, with its pooler) and one linear head per task.
+
+The sentence representation is the backbone's ``pooler_output`` when it has one (BERT, RoBERTa: the original);
+otherwise the hidden state of the first token for masked-LM encoders (DeBERTa, ELECTRA: their [CLS]) and of the
+last real token (by the attention mask) for decoder-only models (GPT-2), as their sequence classifiers read it.
 
 Output for a batch: ``logits`` of shape ``(B, max_num_labels)``. Row ``b`` holds the head of task
 ``dataset_ids[b]``; the columns beyond that task's ``num_labels`` are filled with :data:`PAD_LOGIT`.
@@ -47,11 +51,33 @@ class MultiTaskModel(nn.Module):
     def config(self):
         return self.base_model.config
 
+    @property
+    def pooling(self) -> str:
+        """``pooler``, ``first`` or ``last`` (see the module docstring)."""
+        if getattr(self.base_model, "pooler", None) is not None:
+            return "pooler"
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        return (
+            "first"
+            if getattr(self.config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            else "last"
+        )
+
     def forward(self, input_ids, attention_mask, dataset_ids, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        pooled = self.base_model(**kwargs).pooler_output  # (B, H)
+        out = self.base_model(**kwargs)
+        pooling = self.pooling
+        if pooling == "pooler":
+            pooled = out.pooler_output  # (B, H)
+        elif pooling == "first":
+            pooled = out.last_hidden_state[:, 0]
+        else:  # the rightmost position with attention (right or left padding alike)
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (positions * attention_mask.long()).argmax(dim=1)
+            pooled = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
         stacked = pooled.new_full((len(self.task_names), pooled.shape[0], self.max_num_labels), PAD_LOGIT)
         for pos, task_name in enumerate(self.task_names):
             out = self.heads[task_name](pooled)

@@ -56,8 +56,11 @@ def build_char_tokenizer(
 def build_word_tokenizer(
     texts: Iterable[str], style: str = "bert", vocab_size: int = 2000, save_dir: str | Path | None = None
 ) -> PreTrainedTokenizerFast:
-    """A lower-cased word-level tokenizer trained on ``texts`` with BERT (``[CLS] a [SEP] b [SEP]``) or
-    RoBERTa (``<s> a </s></s> b </s>``) special tokens and pair templates."""
+    """A lower-cased word-level tokenizer trained on ``texts`` with BERT (``[CLS] a [SEP] b [SEP]``),
+    RoBERTa (``<s> a </s></s> b </s>``) or GPT-2 (``gpt2``: no special tokens around the text, a pair is the two
+    texts one after the other, ``<|endoftext|>`` as unk/bos/eos and **no pad token**, as GPT-2 ships) tokens."""
+    if style == "gpt2":
+        return _gpt2_word_tokenizer(texts, vocab_size, save_dir)
     if style == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         names = dict(
@@ -70,7 +73,7 @@ def build_word_tokenizer(
             sep_token="</s>", mask_token="<mask>",
         )  # fmt: skip
     else:
-        raise ValueError(f"unknown tokenizer style {style!r} (expected 'bert' or 'roberta')")
+        raise ValueError(f"unknown tokenizer style {style!r} (expected 'bert', 'roberta' or 'gpt2')")
     tok = Tokenizer(models.WordLevel(unk_token=names["unk_token"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -92,6 +95,25 @@ def build_word_tokenizer(
             special_tokens=[(cls, cls_id), (sep, sep_id)],
         )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    if save_dir is not None:
+        fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def _gpt2_word_tokenizer(
+    texts: Iterable[str], vocab_size: int, save_dir: str | Path | None
+) -> PreTrainedTokenizerFast:
+    eot = "<|endoftext|>"
+    tok = Tokenizer(models.WordLevel(unk_token=eot))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        list(texts), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[eot])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot,
+        model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
     if save_dir is not None:
         fast.save_pretrained(str(save_dir))
     return fast
@@ -167,6 +189,76 @@ def build_tiny_encoder(
     else:
         raise ValueError(f"unknown encoder style {style!r} (expected 'bert' or 'roberta')")
     model.eval()
+    if save_dir is not None:
+        model.save_pretrained(str(save_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(save_dir))
+    return model
+
+
+CLASSIFIER_BACKBONES = ("bert", "roberta", "deberta-v2", "electra", "gpt2")
+
+
+def build_tiny_classifier(
+    backbone: str,
+    vocab_size: int,
+    num_labels: int = 2,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 64,
+    pad_token_id: int | None = 0,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    max_position_embeddings: int = 160,
+    save_dir: str | Path | None = None,
+    tokenizer=None,
+):
+    """A randomly initialised tiny sequence classifier of one of :data:`CLASSIFIER_BACKBONES`
+    (``torch.manual_seed(seed)`` before init), optionally saved with a tokenizer.
+
+    ``gpt2`` takes ``pad_token_id=None`` (GPT-2 ships without a pad token) and its bos/eos ids."""
+    from transformers import (
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        ElectraConfig,
+        ElectraForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+    )
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, num_labels=num_labels, pad_token_id=pad_token_id,
+    )  # fmt: skip
+    if backbone == "bert":
+        config = BertConfig(**common)
+        cls = BertForSequenceClassification
+    elif backbone == "roberta":
+        config = RobertaConfig(**common, bos_token_id=bos_token_id or 0, eos_token_id=eos_token_id or 2)
+        cls = RobertaForSequenceClassification
+    elif backbone == "deberta-v2":
+        config = DebertaV2Config(
+            **common, relative_attention=True, position_buckets=16, max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+        )  # fmt: skip
+        cls = DebertaV2ForSequenceClassification
+    elif backbone == "electra":
+        config = ElectraConfig(**common, embedding_size=hidden_size)
+        cls = ElectraForSequenceClassification
+    elif backbone == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_hidden_layers, n_head=num_attention_heads,
+            n_inner=intermediate_size, n_positions=max_position_embeddings, num_labels=num_labels,
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        )  # fmt: skip
+        cls = GPT2ForSequenceClassification
+    else:
+        raise ValueError(f"unknown backbone {backbone!r} (expected one of {', '.join(CLASSIFIER_BACKBONES)})")
+    torch.manual_seed(seed)
+    model = cls(config).eval()
     if save_dir is not None:
         model.save_pretrained(str(save_dir))
         if tokenizer is not None:
