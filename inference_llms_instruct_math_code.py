@@ -19,10 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
+import os
+import sys
 from pathlib import Path
 
-from utils.cli import UserError, check_rate, run_main, setup_logging
+from model_merging_methods.paths import (
+    MANIFEST,
+    canonical,
+    guard_outputs,
+    is_toolkit_output,
+    remove_toolkit_output,
+)
+from model_merging_methods.publish import os_error_message
+from utils.cli import (
+    UserError,
+    check_evaluation_args,
+    check_rate,
+    llm_data_inputs,
+    local_model_inputs,
+    run_main,
+    setup_logging,
+)
 from utils.llm_evaluation import (
     add_evaluation_args,
     all_generations_done,
@@ -71,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--remove_saved_model",
         action="store_true",
-        help="delete the DARE'd model folder after evaluation (the original always did)",
+        help="delete the DARE'd model folder after evaluation (the original always did); only ever a folder this "
+        "toolkit wrote",
     )
     p.add_argument(
         "--recovered_model_path",
@@ -115,15 +133,11 @@ def make_save_name(model: str, args: argparse.Namespace) -> str:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A model folder for generation: the streaming helper's resolver when present, else the local folder or the
-    registry's hub id (which vLLM / transformers download when online)."""
-    try:
-        from model_merging_methods.streaming import resolve_model_path
-    except ImportError:
-        resolve_model_path = None
-    if resolve_model_path is not None:
-        return str(resolve_model_path(name_or_path))
-    return name_or_path if Path(name_or_path).is_dir() else hub_id(name_or_path)
+    """A model folder for generation: a local folder, or a registry name / hub id through the HF cache (downloaded
+    when online)."""
+    from model_merging_methods.checkpoint_io import resolve_model_path
+
+    return str(resolve_model_path(name_or_path, hub_id))
 
 
 def _streaming():
@@ -138,17 +152,94 @@ def _complete_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def _same_place(a: str | Path | None, b: str | Path | None) -> bool:
+    if a is None or b is None:
+        return False
+    return canonical(a) == canonical(b)
+
+
+def check_reusable_dare_model(path: Path, args: argparse.Namespace, finetuned: str, backbone: str) -> None:
+    """``--resume`` reuses an existing DARE'd folder only when this toolkit wrote it (its ``merge_manifest.json``)
+    with the same settings from the same models; anything else is an error, never a model evaluated under a
+    DARE label it does not deserve."""
+    if not is_toolkit_output(path):
+        raise UserError(
+            f"--save_model_path {path} exists but was not written by this toolkit; it is not reused or replaced "
+            "(remove it yourself or choose another --save_model_path)"
+        )
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"--save_model_path {path} has no readable {MANIFEST}; remove it to re-create it"
+        ) from exc
+    params = manifest.get("parameters") if isinstance(manifest, dict) else None
+    want = {
+        "weight_format": args.weight_format, "weight_mask_rate": float(args.weight_mask_rate),
+        "use_weight_rescale": bool(args.use_weight_rescale), "mask_strategy": args.mask_strategy, "seed": args.seed,
+    }  # fmt: skip
+    if manifest.get("kind") != "dare" or not isinstance(params, dict):
+        raise UserError(f"--save_model_path {path} holds a {manifest.get('kind')!r} model, not a DARE'd one")
+    diff = [f"{k}={params.get(k)!r} (now {v!r})" for k, v in want.items() if params.get(k) != v]
+    inputs = manifest.get("inputs") or []
+    sources = [(i or {}).get("name_or_path") for i in inputs[:2]] if isinstance(inputs, list) else []
+    folders = [(i or {}).get("folder") for i in inputs[:2]] if isinstance(inputs, list) else []
+    for role, given, k in (("pretrained", backbone, 0), ("finetuned", finetuned, 1)):
+        if len(sources) <= k or not (sources[k] == given or _same_place(folders[k], given)):
+            found = sources[k] if len(sources) > k else None
+            diff.append(f"{role} {found!r} (now {given!r})")
+    if diff:
+        raise UserError(
+            f"--save_model_path {path} holds a DARE'd model made with {', '.join(diff)}; remove it or choose "
+            "another --save_model_path"
+        )
+
+
+def guard_paths(
+    args: argparse.Namespace,
+    name: str,
+    backbone: str | None,
+    masked_path: Path | None,
+    recovered_path: Path | None,
+    out_dir: Path,
+) -> None:
+    """Refuse, before anything is read or written, outputs that equal, contain or lie inside an input, or each
+    other: the DARE'd model, a recovered model still to be made and the results folder, against the models (after
+    resolving registry names and hub ids to their local folders) and the data files."""
+    models = {"--finetuned_model_name": name, "--pretrained_model_name (backbone)": backbone}
+    inputs: dict[str, Path] = dict(local_model_inputs(models, hub_id))
+    if not args.skip_evaluation:
+        inputs.update(llm_data_inputs(args, [args.dataset_name]))
+    outputs: dict[str, Path | None] = {
+        "--save_model_path": masked_path,
+        "--output_dir (this run's results)": out_dir,
+    }
+    if recovered_path is not None:
+        if _complete_model_folder(recovered_path):
+            inputs["--recovered_model_path"] = recovered_path  # reused: an input
+        else:
+            outputs["--recovered_model_path"] = recovered_path
+    guard_outputs(outputs, inputs)
+    guard_outputs({"--output_dir (this run's results)": out_dir}, {"--save_model_path": masked_path})
+    guard_outputs({"--save_model_path": masked_path}, {"--recovered_model_path": recovered_path})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    # every flag is checked before any file or folder is written
     check_rate("--weight_mask_rate", args.weight_mask_rate)
+    check_evaluation_args(args)
     name = args.finetuned_model_name
+    if args.wizardcoder_use_llama2_as_backbone and args.pretrained_model_name:
+        raise UserError("--wizardcoder_use_llama2_as_backbone and --pretrained_model_name exclude each other")
     try:
         backbone = args.pretrained_model_name or backbone_of(name, args.wizardcoder_use_llama2_as_backbone)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    if args.wizardcoder_use_llama2_as_backbone and args.pretrained_model_name:
-        raise UserError("--wizardcoder_use_llama2_as_backbone and --pretrained_model_name exclude each other")
+    dare = args.weight_mask_rate > 0.0
+    if dare and backbone is None:
+        raise UserError(f"no known backbone for {name}: pass --pretrained_model_name for DARE")
     model_label = display_name(name)
     finetuned = name
     recovered_path = None
@@ -158,20 +249,27 @@ def main(argv=None) -> dict:
         finetuned = str(recovered_path)
     save_name = make_save_name(model_label, args)
     dataset = args.dataset_name
+    out_dir = Path(args.output_dir) / dataset / save_name
+    masked_path = Path(args.save_model_path or f"save_models/{dataset}/{save_name}") if dare else None
+    guard_paths(args, name, backbone, masked_path, recovered_path, out_dir)
     if not args.skip_evaluation:
         check_data([dataset], args)  # missing data or an empty range fails before any folder is made
-    dare = args.weight_mask_rate > 0.0
+    if dare and os.path.lexists(masked_path):
+        if not args.resume:
+            raise UserError(f"{masked_path} exists: pass --resume to reuse it, or remove it")
+        check_reusable_dare_model(masked_path, args, finetuned, backbone)
     resumed_complete = all_generations_done([dataset], save_name, args.output_dir, args)
     if not dare and recovered_path is None and not resumed_complete:
         finetuned = resolve_model(finetuned)  # likewise for a model that cannot be found
-    out_dir = Path(args.output_dir) / dataset / save_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(os_error_message(exc, out_dir)) from exc
     log_handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
     logging.getLogger().addHandler(log_handler)
     try:
         logger.info("arguments: %s", vars(args))
-        masked_path = Path(args.save_model_path or f"save_models/{dataset}/{save_name}") if dare else None
         if resumed_complete:
             logger.info("--resume: every selected item is already generated; no model is loaded")
             model_path = str(masked_path) if dare else finetuned
@@ -182,22 +280,30 @@ def main(argv=None) -> dict:
                         f"{name} is a delta release: pass --pretrained_model_name (its llama-7b base)"
                     )
                 logger.info("recovering %s = %s + delta into %s", name, backbone, recovered_path)
-                _streaming().stream_recover_from_delta(backbone, name, str(recovered_path), pad_token="[PAD]")
+                _report(
+                    _streaming().stream_recover_from_delta(
+                        backbone, name, str(recovered_path), pad_token="[PAD]", name_resolver=hub_id
+                    )
+                )
             if dare:
-                if backbone is None:
-                    raise UserError(f"no known backbone for {name}: pass --pretrained_model_name for DARE")
-                if masked_path.exists() and args.resume and _complete_model_folder(masked_path):
+                if os.path.lexists(masked_path):  # checked above: this toolkit's DARE'd model, same settings
                     logger.info("--resume: reusing the DARE'd model in %s", masked_path)
-                elif masked_path.exists():
-                    raise UserError(f"{masked_path} exists: pass --resume to reuse it, or remove it")
                 else:
-                    _streaming().stream_mask_model(
-                        backbone, finetuned, str(masked_path),
-                        weight_format=args.weight_format, weight_mask_rate=args.weight_mask_rate,
-                        use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
-                        seed=args.seed, exclude_param_names_regex=(),
-                        pad_token=pad_token_for([name, backbone]),
-                    )  # fmt: skip
+                    _report(
+                        _streaming().stream_mask_model(
+                            backbone,
+                            finetuned,
+                            str(masked_path),
+                            weight_format=args.weight_format,
+                            weight_mask_rate=args.weight_mask_rate,
+                            use_weight_rescale=args.use_weight_rescale,
+                            mask_strategy=args.mask_strategy,
+                            seed=args.seed,
+                            exclude_param_names_regex=(),
+                            pad_token=pad_token_for([name, backbone]),
+                            name_resolver=hub_id,
+                        )  # fmt: skip
+                    )
                 model_path = str(masked_path)
             else:
                 model_path = finetuned
@@ -208,14 +314,22 @@ def main(argv=None) -> dict:
         results = evaluate_model(
             model_path, [dataset], save_name, args.output_dir, args, generator_name=generator
         )
-        if dare and args.remove_saved_model and masked_path.exists():
-            shutil.rmtree(masked_path)
+        if dare and args.remove_saved_model and os.path.lexists(masked_path):
+            remove_toolkit_output(masked_path)  # only ever a folder this toolkit wrote
             logger.info("removed %s", masked_path)
         print(json.dumps(summary(results), indent=2))
         return results
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
+
+
+def _report(manifest: dict | None) -> None:
+    """Print what the user should see of a streamed run: housekeeping and warnings (also in its manifest)."""
+    for line in (manifest or {}).get("housekeeping", []):
+        print(line, file=sys.stderr)
+    for warning in (manifest or {}).get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer_source", default=None, metavar="NAME_OR_PATH",
         help="model whose config/tokenizer files are copied (default: the first fine-tuned model)",
     )  # fmt: skip
-    out.add_argument("--overwrite", action="store_true", help="replace an existing --merged_model_path")
+    out.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing --merged_model_path, only if this toolkit wrote it (never a folder of yours)",
+    )  # fmt: skip
     out.add_argument(
         "--num_threads", type=int, default=None,
         help="worker threads, one tensor each (default: the usable CPUs, at most 8); the bytes do not depend on it",
@@ -203,23 +206,65 @@ def _evaluate(
         print("no tasks to evaluate (pass --evaluate_tasks)", file=sys.stderr)
         return None
     try:
-        from utils.llm_evaluation import TASK_DATASETS, evaluate_model
+        from utils.llm_evaluation import evaluate_model
     except ImportError:
         print("evaluation is not available yet (utils.llm_evaluation is missing); the merged model is kept at "
               f"{merged_path}", file=sys.stderr)  # fmt: skip
         return None
-    datasets = [d for t in tasks for d in TASK_DATASETS.get(t, _TASK_DATASETS[t])]
+    datasets = _evaluation_datasets(tasks)
     output_root = getattr(args, "evaluation_output_dir", None) or "save_merge_llm_results"
     return evaluate_model(
         str(merged_path), datasets, save_name, output_root, args, generator_name=str(merged_path)
     )
 
 
+def _evaluation_datasets(tasks: list[str]) -> list[str]:
+    try:
+        from utils.llm_evaluation import TASK_DATASETS
+    except ImportError:
+        TASK_DATASETS = _TASK_DATASETS
+    return [d for t in tasks for d in TASK_DATASETS.get(t, _TASK_DATASETS[t])]
+
+
+def guard_paths(
+    args: argparse.Namespace,
+    pretrained: str,
+    names: list[str],
+    merged_path: Path,
+    eval_tasks: list[str],
+    eval_save_name: str,
+    evaluate: bool,
+) -> None:
+    """Refuse, before anything is read or written, outputs (the merged model, the evaluation folders) that equal,
+    contain or lie inside an input (the models after resolving registry names and hub ids to their local folders,
+    the data files), and evaluation folders that overlap the merged model."""
+    from model_merging_methods.paths import guard_outputs
+    from utils.cli import llm_data_inputs, local_model_inputs
+    from utils.llm_registry import hub_id
+
+    models = {"--pretrained_model_name": pretrained, "--tokenizer_source": args.tokenizer_source}
+    models.update({f"--finetuned_model_names {n}": n for n in names})
+    inputs: dict[str, Path | str] = dict(local_model_inputs(models, hub_id))
+    eval_dirs: dict[str, Path] = {}
+    if evaluate:
+        datasets = _evaluation_datasets(eval_tasks)
+        inputs.update(llm_data_inputs(args, datasets))
+        root = Path(getattr(args, "evaluation_output_dir", None) or "save_merge_llm_results")
+        eval_dirs = {f"--evaluation_output_dir ({d})": root / d / eval_save_name for d in datasets}
+    if getattr(args, "evaluate_only", False):
+        guard_outputs(eval_dirs, {**inputs, "--merged_model_path": merged_path})
+        return
+    guard_outputs({"--merged_model_path": merged_path, **eval_dirs}, inputs)
+    guard_outputs(eval_dirs, {"--merged_model_path": merged_path})
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_logging()
+    from model_merging_methods.checkpoint_io import parse_size
     from model_merging_methods.streaming import stream_merge
-    from utils.llm_registry import pad_token_for
+    from utils.cli import check_evaluation_args, check_rate
+    from utils.llm_registry import hub_id, pad_token_for
 
     tasks, names, pretrained, group = select_models(args)
     rates = list(args.weight_mask_rate)
@@ -227,12 +272,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates = rates * len(names)
     if len(rates) != len(names):
         raise UserError(f"--weight_mask_rate: got {len(rates)} rates for {len(names)} models")
+    # every flag is checked before any path is touched
+    for r in rates:
+        check_rate("--weight_mask_rate", r)
+    check_rate("--param_value_mask_rate", args.param_value_mask_rate)
+    parse_size(args.max_shard_size)
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserError(f"--num_threads must be >= 1, got {args.num_threads}")
+    evaluate = bool(getattr(args, "evaluate_only", False)) or not args.skip_evaluation
+    if evaluate:
+        check_evaluation_args(args)
     save_name = save_model_name(args, rates)
     merged_path = Path(args.merged_model_path or Path("save_merge_models") / group / save_name)
+    eval_tasks = args.evaluate_tasks if args.evaluate_tasks is not None else tasks
+    guard_paths(args, pretrained, names, merged_path, eval_tasks, f"{group}/{save_name}", evaluate)
     if getattr(args, "evaluate_only", False):  # the original's direct_inference_merged_llms_* script
         if not (merged_path / "config.json").is_file():
             raise UserError(f"--evaluate_only: no merged model at {merged_path}")
-        eval_tasks = args.evaluate_tasks if args.evaluate_tasks is not None else tasks
         return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
     manifest = stream_merge(
         pretrained, names, str(merged_path),
@@ -243,10 +299,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weight_format=args.weight_format, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
         vocab_policy=args.vocab_policy, pad_token=args.pad_token or pad_token_for(names),
         tokenizer_source=args.tokenizer_source, overwrite=args.overwrite, num_threads=args.num_threads,
+        name_resolver=hub_id,
     )  # fmt: skip
+    for line in manifest.get("housekeeping", []):
+        print(line, file=sys.stderr)
+    for warning in manifest.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"merged model: {merged_path}")
     if not args.skip_evaluation:
-        eval_tasks = args.evaluate_tasks if args.evaluate_tasks is not None else tasks
         manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")
     return manifest
 

@@ -17,32 +17,53 @@ Writing
     the Hugging Face naming (``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` plus
     ``model.safetensors.index.json``).
 
+Checking
+    Inputs are checked as strictly as the ``safetensors`` library checks them: the header must be a UTF-8 JSON
+    object of at most 100 MB (``__metadata__`` an object of strings, every entry an object with a known dtype,
+    a shape of non-negative integers and two integer offsets), and the tensors' byte ranges must cover the data
+    exactly, without overlaps or gaps. Weight, index and config files must be regular files (a FIFO, a device or
+    a folder in their place is refused without being opened for reading); an index must name files inside its
+    model folder (no absolute paths, no ``..``, no symbolic links leading out, except the Hugging Face cache's
+    links into its ``blobs`` folder); ``config.json`` must hold a JSON object. Each problem is one
+    :class:`~model_merging_methods.errors.MergeError` line.
+
 Publishing
-    :func:`atomic_output_dir` yields a temporary folder next to the target and renames it into place only when
-    the body completes; on any exception, Ctrl-C or SIGTERM the temporary folder is removed and nothing
-    appears at the target path.
+    :func:`~model_merging_methods.publish.atomic_output_dir` (re-exported here) yields a temporary folder next to
+    the target and renames it into place only when the body completes (see :mod:`model_merging_methods.publish`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
-import tempfile
+import stat
 import threading
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from decimal import Decimal, InvalidOperation
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
 from model_merging_methods.errors import MergeError as UserError
+from model_merging_methods.publish import atomic_output_dir, check_output_path, os_error_message
+
+__all__ = [
+    "CheckpointReader",
+    "ShardedSafetensorsWriter",
+    "atomic_output_dir",
+    "check_output_path",
+    "find_local_model",
+    "parse_size",
+    "read_json_object",
+    "read_safetensors_header",
+    "resolve_model_path",
+    "write_side_files",
+]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -87,6 +108,9 @@ TOKENIZER_FILES: tuple[str, ...] = (
 )
 
 _MAX_READ = 1 << 30  # bytes per read() call (Linux caps a single read at ~2 GiB)
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit on a header
+MAX_JSON_BYTES = 1 << 28  # config, index and tokenizer JSON files larger than this are refused
+MAX_SIZE = 1 << 62  # largest --max_shard_size accepted
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
@@ -98,17 +122,21 @@ def parse_size(size: str | int) -> int:
     """Parse a shard size like ``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count into bytes.
 
     Units follow Hugging Face: KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2; a bare number is
-    bytes. The result must be positive.
+    bytes. The result must be positive and at most 2**62 bytes.
     """
-    if isinstance(size, int):
-        value = size
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = Decimal(size)
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
         if not m:
             raise UserError(
-                f"cannot parse size {size!r} (expected e.g. 5GB, 500MB, 2GiB or a number of bytes)"
+                f"cannot parse size {str(size)[:60]!r} (expected e.g. 5GB, 500MB, 2GiB or a number of bytes)"
             )
-        number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+        try:
+            number = Decimal(m.group(1))
+        except InvalidOperation as exc:  # pragma: no cover - the pattern admits only decimal numbers
+            raise UserError(f"cannot parse size {str(size)[:60]!r}") from exc
+        unit = (m.group(2) or "B").upper()
         powers = {"K": 1, "M": 2, "G": 3, "T": 4}
         if unit == "B":
             factor = 1
@@ -116,10 +144,112 @@ def parse_size(size: str | int) -> int:
             factor = 1024 ** powers[unit[0]]
         else:
             factor = 1000 ** powers[unit[0]]
-        value = int(number * factor)
+        value = number * factor
+    if value > MAX_SIZE:
+        shown = str(size) if len(str(size)) <= 40 else str(size)[:20] + f"... ({len(str(size))} characters)"
+        raise UserError(f"size {shown} is too large (at most {MAX_SIZE} bytes)")
+    value = int(value)
     if value <= 0:
         raise UserError(f"size must be positive, got {size!r}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checked opening of input files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_regular_file(path: str | Path, what: str) -> int:
+    """An ``os.open`` descriptor of ``path`` for reading, refusing anything but a regular file. The file is opened
+    non-blocking and checked with ``fstat`` before any read, so a FIFO or a device never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise UserError(os_error_message(exc, path, action="read")) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{what} {path} is {_file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.pread(fd, min(n - len(out), _MAX_READ), offset + len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def read_json_object(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object in ``path`` (a regular UTF-8 file of at most ``limit`` bytes); anything else — another JSON
+    type, bad UTF-8, absurd nesting, a FIFO — is one ``MergeError`` naming the file."""
+    fd = open_regular_file(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UserError(f"{what} {path} is {size} bytes, more than the {limit} accepted")
+        raw = _pread_exact(fd, size, 0)
+    except OSError as exc:
+        raise UserError(os_error_message(exc, path, action="read")) from exc
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise UserError(f"{what} {path} nests JSON too deeply") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object, not {_json_type(data)}")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )  # fmt: skip
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,42 +257,79 @@ def parse_size(size: str | int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_model_path(name_or_path: str) -> Path:
-    """A local model folder for ``name_or_path``.
+NameResolver = Callable[[str], str]
 
-    Order: an existing local folder; otherwise a registry short name (``utils.llm_registry.hub_id``) or a hub id,
-    resolved through the Hugging Face cache (``snapshot_download(local_files_only=True)``); when that misses and
-    the hub is reachable (``HF_HUB_OFFLINE`` unset) the weights, config and tokenizer files are downloaded. A
-    ``UserError`` names the model when none of this works.
-    """
-    from utils.llm_registry import hub_id
 
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists():
-        raise UserError(f"model path {name_or_path} is not a folder")
-    repo_id = hub_id(name_or_path)
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _hub_repo_id(name_or_path: str, name_resolver: NameResolver | None) -> str | None:
+    """The hub id ``name_or_path`` stands for, or None when it can only be a local path."""
+    repo_id = name_resolver(name_or_path) if name_resolver is not None else name_or_path
     looks_local = (
         name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
     )
     if looks_local or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", repo_id):
-        raise UserError(f"model folder not found: {name_or_path}")
+        return None
+    return repo_id
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
-        raise UserError(f"model folder not found: {name_or_path} (huggingface_hub is not installed)") from exc
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return None
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any cache miss falls through to the online attempt below
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    except Exception:  # noqa: BLE001 - any cache miss
+        return None
+
+
+def find_local_model(name_or_path: str, name_resolver: NameResolver | None = None) -> Path | None:
+    """The local folder ``name_or_path`` refers to without any download: an existing folder, or the Hugging Face
+    cache's snapshot of the hub id (``name_resolver`` maps short names such as registry names to hub ids).
+    None when there is none (the output-path guard compares outputs with these folders)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if os.path.lexists(path):
+        return None
+    repo_id = _hub_repo_id(name_or_path, name_resolver)
+    return _cached_snapshot(repo_id) if repo_id is not None else None
+
+
+def resolve_model_path(name_or_path: str, name_resolver: NameResolver | None = None) -> Path:
+    """A local model folder for ``name_or_path``.
+
+    Order: an existing local folder; otherwise a hub id (``name_resolver`` turns a short name, e.g. a registry
+    name, into one; the scripts pass ``utils.llm_registry.hub_id``), resolved through the Hugging Face cache
+    (``snapshot_download(local_files_only=True)``); when that misses and the hub is reachable (``HF_HUB_OFFLINE``
+    unset) the weights, config and tokenizer files are downloaded. A ``MergeError`` names the model when none of
+    this works.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if os.path.lexists(path):
+        raise UserError(f"model path {name_or_path} is not a folder")
+    repo_id = _hub_repo_id(name_or_path, name_resolver)
+    if repo_id is None:
+        raise UserError(f"model folder not found: {name_or_path}")
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
+        raise UserError(f"model folder not found: {name_or_path} (huggingface_hub is not installed)") from exc
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    if _is_offline():
         raise UserError(
             f"model {name_or_path} ({repo_id}) is neither a local folder nor in the Hugging Face cache, "
             "and HF_HUB_OFFLINE is set"
         )
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, snapshot_download
 
         files = HfApi().list_repo_files(repo_id)
         patterns = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]
@@ -203,37 +370,83 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; returns (header dict, data start offset). Validates offsets against the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header as strictly as the ``safetensors`` library does; returns (header dict,
+    data start offset). See the module docstring for the checks; each failure is one ``MergeError``."""
+    path = Path(path)
+
+    def corrupt(why: str) -> UserError:
+        return UserError(f"corrupt safetensors file {path}: {why}")
+
+    fd = open_regular_file(path, "safetensors file")
+    try:
+        size = os.fstat(fd).st_size
+        raw = _pread_exact(fd, 8, 0)
         if len(raw) < 8:
-            raise UserError(f"corrupt safetensors file {path}: shorter than 8 bytes")
+            raise corrupt("shorter than 8 bytes")
         n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
-            raise UserError(f"corrupt safetensors file {path}: header length {n} does not fit the file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"corrupt safetensors file {path}: unreadable header ({exc})") from exc
-    data_start = 8 + n
+        if n > MAX_HEADER_BYTES:
+            raise corrupt(f"a header of {n} bytes is more than the safetensors limit of {MAX_HEADER_BYTES}")
+        if n == 0 or 8 + n > size:
+            raise corrupt(f"header length {n} does not fit the file of {size} bytes (truncated?)")
+        head = _pread_exact(fd, n, 8)
+    except OSError as exc:
+        raise UserError(os_error_message(exc, path, action="read")) from exc
+    finally:
+        os.close(fd)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise corrupt(f"the header is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if not text.startswith("{"):
+        raise corrupt("the header is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError as exc:
+        raise corrupt("the header nests JSON too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, _DuplicateKey
+        raise corrupt(f"unreadable header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise corrupt(f"the header is {_json_type(header)}, not a JSON object")
+    if "__metadata__" in header:
+        meta = header["__metadata__"]
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise corrupt("__metadata__ must be a JSON object of strings")
+    data_start, data_len = 8 + n, size - 8 - n
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            dtype, shape = entry["dtype"], [int(s) for s in entry["shape"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"corrupt safetensors file {path}: bad entry for {name}") from exc
+        if not isinstance(entry, dict):
+            raise corrupt(f"the entry of tensor {name} is {_json_type(entry)}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise corrupt(f"tensor {name} has no dtype string")
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+            raise corrupt(f"tensor {name} has a shape that is not a list of non-negative integers")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)
+        ):
+            raise corrupt(f"tensor {name} has data_offsets that are not two non-negative integers")
         if dtype not in _ST_TO_TORCH:
             raise UserError(f"tensor {name} in {path} has unsupported dtype {dtype}")
-        if not (0 <= begin <= end and data_start + end <= size):
-            raise UserError(
-                f"corrupt safetensors file {path}: tensor {name} lies outside the file (truncated?)"
-            )
+        begin, end = offsets
+        if end < begin:
+            raise corrupt(f"tensor {name} ends before it begins")
         if end - begin != math.prod(shape) * _itemsize(_ST_TO_TORCH[dtype]):
-            raise UserError(f"corrupt safetensors file {path}: tensor {name} has a wrong byte length")
+            raise corrupt(f"tensor {name} has a wrong byte length for its dtype and shape")
+        spans.append((begin, end, name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise corrupt(f"the bytes of tensor {name} overlap those of another tensor")
+        if begin > pos:
+            raise corrupt(f"bytes {pos} to {begin} of the data (before tensor {name}) belong to no tensor")
+        if end > data_len:
+            raise corrupt(f"tensor {name} lies outside the file (truncated?)")
+        pos = end
+    if pos != data_len:
+        raise corrupt(f"the last {data_len - pos} bytes of the data belong to no tensor")
     return header, data_start
 
 
@@ -255,11 +468,8 @@ class CheckpointReader:
         self._bin_dicts: dict[str, dict[str, torch.Tensor]] = {}
         self.config: dict[str, Any] | None = None
         cfg = self.folder / "config.json"
-        if cfg.is_file():
-            try:
-                self.config = json.loads(cfg.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"unreadable config.json in {self.folder}: {exc}") from exc
+        if os.path.lexists(cfg):
+            self.config = read_json_object(cfg, "config.json")
         self.weight_files = self._find_weight_files()
         self.format = "safetensors" if self.weight_files[0].endswith(".safetensors") else "bin"
         self.infos: dict[str, TensorInfo] = {}
@@ -269,22 +479,51 @@ class CheckpointReader:
             self._scan_bin()
 
     # -- discovery --------------------------------------------------------------------------------------------
+    def _check_inside(self, fname: str, index_path: Path) -> None:
+        """An index entry must name a file inside the model folder: a relative path without ``..`` whose real
+        location (symbolic links followed) stays inside the folder — or, for a Hugging Face cache snapshot, inside
+        the repository's ``blobs`` folder, where the cache's own links lead."""
+        pure = PurePosixPath(fname)
+        if not fname or pure.is_absolute() or "\\" in fname or any(p in ("..", "") for p in fname.split("/")):
+            raise UserError(
+                f"index file {index_path} points outside its model folder: {fname!r} (entries must be file names "
+                "inside the folder)"
+            )
+        root = Path(os.path.realpath(self.folder))
+        real = Path(os.path.realpath(self.folder / fname))
+        if root in real.parents:
+            return
+        if (
+            self.folder.parent.name == "snapshots"
+        ):  # huggingface_hub cache: snapshots/<rev>/<file> -> ../../blobs/x
+            blobs = Path(os.path.realpath(self.folder.parent.parent / "blobs"))
+            if blobs in real.parents:
+                return
+        raise UserError(
+            f"index file {index_path} points outside its model folder: {fname} leads to {real} (a symbolic link "
+            "out of the folder)"
+        )
+
     def _index_files(self, index_name: str) -> list[str]:
         index_path = self.folder / index_name
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"unreadable index file {index_path}: {exc}") from exc
+        data = read_json_object(index_path, "index file")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"index file {index_path} has no weight_map object naming the shards")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise UserError(f"index file {index_path}: the shard of {bad} is not a file name")
         self._index_map: dict[str, str] = dict(weight_map)
         files = list(dict.fromkeys(weight_map.values()))
         for f in files:
-            if not (self.folder / f).is_file():
+            self._check_inside(f, index_path)
+            if not os.path.lexists(self.folder / f):
                 raise UserError(f"shard {f} listed in {index_path} is missing ({self.label})")
         return sorted(files)
 
     def _find_weight_files(self) -> list[str]:
         self._index_map = {}
-        if (self.folder / SAFETENSORS_INDEX).is_file():
+        if os.path.lexists(self.folder / SAFETENSORS_INDEX):
             return self._index_files(SAFETENSORS_INDEX)
         sts = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if "model.safetensors" in sts:
@@ -293,9 +532,9 @@ class CheckpointReader:
             return sts
         if len(sts) > 1:
             raise UserError(f"{self.folder} holds several .safetensors files but no {SAFETENSORS_INDEX}")
-        if (self.folder / BIN_INDEX).is_file():
+        if os.path.lexists(self.folder / BIN_INDEX):
             return self._index_files(BIN_INDEX)
-        if (self.folder / "pytorch_model.bin").is_file():
+        if os.path.lexists(self.folder / "pytorch_model.bin"):
             return ["pytorch_model.bin"]
         bins = sorted(p.name for p in self.folder.glob("pytorch_model*.bin"))
         if len(bins) == 1:
@@ -337,6 +576,7 @@ class CheckpointReader:
     def _load_bin_locked(self, fname: str) -> dict[str, torch.Tensor]:
         if fname not in self._bin_dicts:
             path = self.folder / fname
+            os.close(open_regular_file(path, "weights file"))  # a FIFO or device must not reach torch.load
             try:
                 try:
                     sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -348,7 +588,7 @@ class CheckpointReader:
                 raise UserError(
                     f"cannot load {path} with weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0]})"
                 ) from exc
-            if not isinstance(sd, dict):
+            if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
                 raise UserError(f"{path} does not hold a state dict")
             self._bin_dicts[fname] = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         return self._bin_dicts[fname]
@@ -394,7 +634,7 @@ class CheckpointReader:
             with self._lock:
                 fd = self._handles.get(fname)
                 if fd is None:
-                    fd = self._handles[fname] = os.open(self.folder / fname, os.O_RDONLY)
+                    fd = self._handles[fname] = open_regular_file(self.folder / fname, "weights file")
         return fd
 
     def _count(self, n: int) -> None:
@@ -433,7 +673,10 @@ class CheckpointReader:
         fd = self._fd(info.file)
         done = 0
         while done < n:
-            got = os.preadv(fd, [buf[done : min(n, done + _MAX_READ)]], offset + done)
+            try:
+                got = os.preadv(fd, [buf[done : min(n, done + _MAX_READ)]], offset + done)
+            except OSError as exc:
+                raise UserError(os_error_message(exc, self.folder / info.file, action="read")) from exc
             if not got:
                 raise UserError(
                     f"unexpected end of file while reading {info.name} from {self.folder / info.file}"
@@ -466,6 +709,14 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         done += os.pwritev(fd, [view[done : done + _MAX_READ]], offset + done)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when every element is finite (NaN and Inf propagate through a sum; only a non-finite sum, which may
+    also be an overflow of finite values, needs the element check)."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 @dataclass
 class _Shard:
     file: str
@@ -493,9 +744,14 @@ class ShardedSafetensorsWriter:
         specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
         max_shard_size: int | str = "5GB",
         metadata: dict[str, str] | None = None,
+        check_finite: bool = False,
     ):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.check_finite = bool(check_finite)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(os_error_message(exc, self.out_dir)) from exc
         self.max_shard_size = parse_size(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
         self.specs = {name: (dtype, tuple(int(s) for s in shape)) for name, dtype, shape in specs}
@@ -511,10 +767,13 @@ class ShardedSafetensorsWriter:
         self._cursor: tuple[str, int] | None = None  # for begin / write_part / end
         try:
             for sh in self._shards:
-                fd = os.open(self.out_dir / sh.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                _pwrite_all(fd, sh.header, 0)
-                os.ftruncate(fd, sh.size)  # final size; data is written at its offsets
+                try:  # 0o666 minus the umask, like any other file
+                    fd = os.open(self.out_dir / sh.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                    self._fds.append(fd)
+                    _pwrite_all(fd, sh.header, 0)
+                    os.ftruncate(fd, sh.size)  # final size; data is written at its offsets
+                except OSError as exc:
+                    raise UserError(os_error_message(exc, self.out_dir / sh.file)) from exc
         except BaseException:
             self.abort()
             raise
@@ -586,11 +845,25 @@ class ShardedSafetensorsWriter:
         if byte_offset < 0 or start + byte_offset + nbytes > end:
             raise ValueError(f"tensor {name}: more data than its planned shape")
         if nbytes:
+            self._check_finite(name, part)
             data = part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(self._fds[i], memoryview(data), start + byte_offset)
+            self._pwrite(i, memoryview(data), start + byte_offset)
         with self._lock:
             self._done[name] += nbytes
             self.bytes_written += nbytes
+
+    def _check_finite(self, name: str, part: torch.Tensor) -> None:
+        if self.check_finite and part.is_floating_point() and not _all_finite(part):
+            raise UserError(
+                f"the result is not finite (NaN or Inf) in tensor {name}, e.g. from a huge scaling coefficient or an "
+                f"overflow of the output dtype {torch_dtype_name(part.dtype)}; nothing was written"
+            )
+
+    def _pwrite(self, i: int, data, offset: int) -> None:
+        try:
+            _pwrite_all(self._fds[i], data, offset)
+        except OSError as exc:
+            raise UserError(os_error_message(exc, self.out_dir / self._shards[i].file)) from exc
 
     def read_at(self, name: str, byte_offset: int, nbytes: int) -> bytearray:
         """Read back ``nbytes`` bytes of tensor ``name`` written so far, from ``byte_offset`` into its data."""
@@ -617,8 +890,9 @@ class ShardedSafetensorsWriter:
         if part.dtype != dtype or byte_offset < 0 or start + byte_offset + nbytes > end:
             raise ValueError(f"tensor {name}: overwrite does not fit its planned dtype and shape")
         if nbytes:
-            _pwrite_all(self._fds[i], memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()),
-                        start + byte_offset)  # fmt: skip
+            self._check_finite(name, part)
+            self._pwrite(i, memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()),
+                         start + byte_offset)  # fmt: skip
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor (its dtype and shape must match the plan)."""
@@ -668,9 +942,12 @@ class ShardedSafetensorsWriter:
                 "metadata": {"total_size": sum(self._nbytes(n) for n in self.order)},
                 "weight_map": {n: self._shards[self._where[n]].file for n in sorted(self.order)},
             }
-            (self.out_dir / SAFETENSORS_INDEX).write_text(
-                json.dumps(index, indent=2) + "\n", encoding="utf-8"
-            )
+            try:
+                (self.out_dir / SAFETENSORS_INDEX).write_text(
+                    json.dumps(index, indent=2) + "\n", encoding="utf-8"
+                )
+            except OSError as exc:
+                raise UserError(os_error_message(exc, self.out_dir / SAFETENSORS_INDEX)) from exc
             files = [*files, SAFETENSORS_INDEX]
         return files
 
@@ -679,57 +956,6 @@ class ShardedSafetensorsWriter:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# atomic output folder
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def check_output_path(target: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output path unless ``overwrite`` (and always refuse an existing non-folder)."""
-    target = Path(target).expanduser().absolute()
-    if target.exists() or target.is_symlink():
-        if not target.is_dir():
-            raise UserError(f"output path {target} exists and is not a folder")
-        if not overwrite:
-            raise UserError(f"output path {target} already exists (pass --overwrite to replace it)")
-    return target
-
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt(f"terminated by signal {signum}")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``target``; on success rename it to ``target``.
-
-    An existing ``target`` is refused unless ``overwrite`` (then it is replaced only after the new folder is
-    complete). On any exception, ``KeyboardInterrupt`` or SIGTERM (turned into ``KeyboardInterrupt`` while the
-    body runs in the main thread) the temporary folder is removed and the target is left untouched.
-    """
-    target = check_output_path(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
-    try:
-        yield tmp
-        check_output_path(target, overwrite)
-        if target.exists():
-            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, trash)
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, old_handler)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -755,8 +981,8 @@ def write_side_files(
     source, out_dir = Path(source), Path(out_dir)
     done: dict[str, Any] = {"source": str(source), "copied": [], "tokenizer_pad_token_added": None}
     cfg_path = source / "config.json"
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if os.path.lexists(cfg_path):
+        cfg = read_json_object(cfg_path, "config.json")
         cfg.update(config_updates or {})
         (out_dir / "config.json").write_text(
             json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8"
@@ -773,7 +999,11 @@ def write_side_files(
     if vocab_size is not None and pad_token and n_tokens is not None and n_tokens < vocab_size:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(source))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(source))
+        except Exception as exc:  # noqa: BLE001 - a broken tokenizer of the user's is one readable line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"cannot load the tokenizer in {source} to add the pad token: {first}") from exc
         if pad_token not in tok.get_vocab():
             tok.add_special_tokens({"pad_token": pad_token})
             done["tokenizer_pad_token_added"] = {
@@ -803,10 +1033,10 @@ def _tokenizer_length(folder: Path) -> int | None:
     if not tj.is_file():
         return None
     try:
-        data = json.loads(tj.read_text(encoding="utf-8"))
+        data = read_json_object(tj, "tokenizer.json")
         vocab = data["model"]["vocab"]
         ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
         ids |= {t["id"] for t in data.get("added_tokens", [])}
-        return max(ids) + 1 if ids else 0
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        return int(max(ids)) + 1 if ids else 0
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError, OSError):
         return None

@@ -51,16 +51,17 @@ import torch
 
 from model_merging_methods.checkpoint_io import (
     DTYPES_BY_NAME,
+    TOKENIZER_FILES,
     CheckpointReader,
+    NameResolver,
     ShardedSafetensorsWriter,
-    atomic_output_dir,
-    check_output_path,
     parse_size,
     resolve_model_path,
     torch_dtype_name,
     write_side_files,
 )
 from model_merging_methods.errors import MergeError as UserError
+from model_merging_methods.errors import check_rate
 from model_merging_methods.mask_weights_utils import (
     MASK_STRATEGIES,
     WEIGHT_FORMATS,
@@ -78,11 +79,12 @@ from model_merging_methods.merging_methods import (
     ties_merge_tensor_both_majorities,
     ties_trim_threshold,
 )
-from utils.cli import check_rate
-from utils.results_io import write_json
+from model_merging_methods.paths import guard_outputs
+from model_merging_methods.publish import atomic_output_dir, check_output_path, write_json
 
 __all__ = [
     "resolve_model_path",
+    "summary_line",
     "stream_mask_model",
     "stream_recover_from_delta",
     "stream_merge",
@@ -349,16 +351,18 @@ def open_inputs(
     exclude_param_names_regex: Sequence[str] = (),
     out_dtype: torch.dtype | None = None,
     dtype_from: int = 0,
+    name_resolver: NameResolver | None = None,
 ) -> Inputs:
     """Resolve and open every model, check homology (architectures, names, shapes) and plan the alignment.
 
     ``dtype_from`` is the model whose dtype each output tensor keeps when ``out_dtype`` is None (the model the
     core would cast back to: the pretrained model for task arithmetic/TIES, the first model for averaging).
+    ``name_resolver`` maps short model names to hub ids (see :func:`resolve_model_path`).
     """
     readers: list[CheckpointReader] = []
     try:
         for p, label in zip(paths, labels):
-            folder = resolve_model_path(p)
+            folder = resolve_model_path(str(p), name_resolver)
             reader = CheckpointReader(folder, label)
             if reader.config is None:
                 raise UserError(f"no config.json in {folder} ({label})")
@@ -530,21 +534,16 @@ def delta_warnings(stats: dict[str, Any], base_label: str) -> list[str]:
 
 
 def _report_statistics(stats: dict[str, Any], base_label: str) -> list[str]:
+    """Log the homology statistics (INFO) and their warnings (WARNING); returns the warnings for the manifest."""
     for label, s in stats.items():
         logger.info(
-            "delta %s - %s: max |d| %.4g, p99.9 %.4g, p99 %.4g, mean %.4g (%d sampled entries)",
-            label, base_label, s["max_abs_delta"], s["p99_9_abs_delta"], s["p99_abs_delta"],
-            s["mean_abs_delta"], s["sampled_elements"],
+            "homology: %s: max |delta| %.4g, 99.9th pct %.4g, 99th pct %.4g, mean %.4g (sampled %d entries)",
+            label, s["max_abs_delta"], s["p99_9_abs_delta"], s["p99_abs_delta"], s["mean_abs_delta"],
+            s["sampled_elements"],
         )  # fmt: skip
-        print(
-            f"homology: {label}: max |delta| {s['max_abs_delta']:.4g}, 99.9th pct {s['p99_9_abs_delta']:.4g}, "
-            f"99th pct {s['p99_abs_delta']:.4g} (sampled {s['sampled_elements']} entries)",
-            file=sys.stderr,
-        )
     warnings = delta_warnings(stats, base_label)
     for w in warnings:
         logger.warning(w)
-        print(f"warning: {w}", file=sys.stderr)
     return warnings
 
 
@@ -965,16 +964,55 @@ def _pick_side_source(inputs: Inputs, candidates: Sequence[int]) -> int:
 
 
 def _side_source_index(
-    inputs: Inputs, tokenizer_source: str | None, candidates: Sequence[int]
+    inputs: Inputs, tokenizer_folder: Path | None, candidates: Sequence[int]
 ) -> tuple[Path, int | None]:
-    if tokenizer_source is None:
+    if tokenizer_folder is None:
         m = _pick_side_source(inputs, candidates)
         return inputs.readers[m].folder, m
-    folder = resolve_model_path(tokenizer_source)
     for m, r in enumerate(inputs.readers):
-        if r.folder.resolve() == folder.resolve():
-            return folder, m
-    return folder, None
+        if r.folder.resolve() == tokenizer_folder.resolve():
+            return tokenizer_folder, m
+    return tokenizer_folder, None
+
+
+def _input_files(inputs: Inputs, tokenizer_folder: Path | None) -> dict[str, Path]:
+    """Every file the run reads, by real location (weights may be symbolic links, e.g. into the HF cache)."""
+    files: dict[str, Path] = {}
+    folders = [(r.label, r.folder, r.weight_files) for r in inputs.readers]
+    if tokenizer_folder is not None:
+        folders.append(("tokenizer source", tokenizer_folder, []))
+    for label, folder, weights in folders:
+        for name in [*weights, "config.json", "generation_config.json", *TOKENIZER_FILES]:
+            path = folder / name
+            if os.path.lexists(path):
+                files[f"{label} ({name})"] = Path(os.path.realpath(path))
+    return files
+
+
+def _dtype_report(
+    inputs: Inputs, out_dtype: torch.dtype | None, dtype_from: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The chosen output dtype(s), why, and each input's float dtypes; a warning when the inputs' dtypes differ."""
+    per_model = {
+        label: sorted({torch_dtype_name(i.dtype) for i in r.infos.values() if i.dtype.is_floating_point})
+        for label, r in zip(inputs.labels, inputs.readers)
+    }
+    chosen = sorted({torch_dtype_name(p.out_dtype) for p in inputs.plans.values() if p.is_float})
+    reason = "the dtype flag" if out_dtype is not None else f"the dtype of {inputs.labels[dtype_from]}"
+    report = {
+        "chosen": chosen,
+        "chosen_by": reason,
+        "inputs": per_model,
+        "compute": "float32 (float64 for float64)",
+    }
+    warnings = []
+    if len({tuple(v) for v in per_model.values()}) > 1:
+        shown = "; ".join(f"{label}: {', '.join(v) or 'none'}" for label, v in per_model.items())
+        warnings.append(
+            f"the input models have different dtypes ({shown}); the output is {', '.join(chosen)} ({reason}), "
+            "computed in float32"
+        )
+    return report, warnings
 
 
 def _run(
@@ -996,26 +1034,43 @@ def _run(
     stats_models: list[int] | None,
     body: Callable[[_Engine], dict[str, Any]],
     num_threads: int | None = None,
+    name_resolver: NameResolver | None = None,
 ) -> dict[str, Any]:
+    """Check everything, open the inputs, run ``body`` on an engine writing into a temporary folder, add the side
+    files and the manifest, and publish the folder at ``output_path`` (see :mod:`model_merging_methods.publish`).
+
+    The output path is refused before any model is read when it equals, contains or lies inside an input (model
+    folders after resolving names to folders, and every file read, symbolic links followed), when it exists
+    without ``overwrite``, or when it exists and was not written by this toolkit."""
     start = time.time()
     if num_threads is not None and int(num_threads) < 1:
         raise UserError(f"num_threads must be >= 1, got {num_threads}")
     out_dtype = _out_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
+    folders = [resolve_model_path(str(p), name_resolver) for p in paths]
+    tokenizer_folder = (
+        resolve_model_path(str(tokenizer_source), name_resolver) if tokenizer_source is not None else None
+    )
+    model_inputs = dict(zip(labels, folders))
+    if tokenizer_folder is not None:
+        model_inputs["tokenizer source"] = tokenizer_folder
+    guard_outputs({"path": output_path}, model_inputs)
     target = check_output_path(output_path, overwrite)
-    for p in paths:
-        local = Path(p).expanduser()
-        if local.exists() and local.resolve() == target.resolve():
-            raise UserError(f"output path {target} is one of the input models")
-    inputs = open_inputs(paths, labels, vocab_policy, exclude, out_dtype, dtype_from)
+    inputs = open_inputs(folders, labels, vocab_policy, exclude, out_dtype, dtype_from)
     workers = default_workers() if num_threads is None else int(num_threads)
+    housekeeping: list[str] = []
     try:
+        guard_outputs({"path": target}, _input_files(inputs, tokenizer_folder))
         stats = delta_statistics(inputs, 0, stats_models) if stats_models is None or stats_models else {}
         warnings = _report_statistics(stats, labels[0]) if stats else []
-        side_folder, side_m = _side_source_index(inputs, tokenizer_source, side_candidates)
+        dtype_info, dtype_warnings = _dtype_report(inputs, out_dtype, dtype_from)
+        for w in dtype_warnings:
+            logger.warning(w)
+        warnings += dtype_warnings
+        side_folder, side_m = _side_source_index(inputs, tokenizer_folder, side_candidates)
         specs = [(p.name, p.out_dtype, p.shape) for p in inputs.plans.values()]
-        with atomic_output_dir(target, overwrite) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
+        with atomic_output_dir(target, overwrite, kind=f"model ({kind})", housekeeping=housekeeping) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes, check_finite=True)
             engine = _Engine(inputs, writer, base=0, workers=workers)
             try:
                 with _torch_threads(1):
@@ -1063,6 +1118,7 @@ def _run(
                     "vocab_rows": inputs.vocab_rows,
                     "max_shard_size": max_shard_size,
                 },
+                "dtype": dtype_info,
                 "vocabulary": {
                     "policy": inputs.vocab_policy,
                     "actions": inputs.vocab_actions,
@@ -1072,6 +1128,7 @@ def _run(
                 "ignored_buffers": inputs.ignored_buffers,
                 "delta_statistics": stats,
                 "warnings": warnings,
+                "housekeeping": housekeeping,
                 "method_details": extra,
                 "versions": _versions(),
                 "worker_threads": workers,
@@ -1084,13 +1141,18 @@ def _run(
             write_json(tmp / "merge_manifest.json", manifest)
     finally:
         inputs.close()
-    print(
-        f"{kind}: {len(specs)} tensors, read {_fmt_bytes(manifest['bytes_read'])}, wrote "
-        f"{_fmt_bytes(manifest['bytes_written'])} in {manifest['wall_time_s']:.1f} s, peak RSS "
-        f"{_fmt_bytes(manifest['peak_rss_bytes'])} -> {target}",
-        file=sys.stderr,
-    )
+    manifest["output_path"] = str(target)
+    logger.info("%s", summary_line(manifest))
     return manifest
+
+
+def summary_line(manifest: dict[str, Any]) -> str:
+    """One line describing a finished run from its manifest (what the scripts print)."""
+    return (
+        f"{manifest['kind']}: {manifest['output']['tensors']} tensors, read {_fmt_bytes(manifest['bytes_read'])}, "
+        f"wrote {_fmt_bytes(manifest['bytes_written'])} in {manifest['wall_time_s']:.1f} s, peak RSS "
+        f"{_fmt_bytes(manifest['peak_rss_bytes'])} -> {manifest.get('output_path', '?')}"
+    )
 
 
 def _check_dare(weight_format: str, mask_strategy: str) -> None:
@@ -1118,6 +1180,7 @@ def stream_mask_model(
     tokenizer_source: str | None = None,
     overwrite: bool = False,
     num_threads: int | None = None,
+    name_resolver: NameResolver | None = None,
 ) -> dict[str, Any]:
     """DARE of one model, streamed: the same bytes as ``mask_model_weights(finetuned, pretrained, ...)`` (with
     ``model_index=None``) on the vocabulary-aligned models. Excluded tensors are copied from the fine-tuned model.
@@ -1140,7 +1203,7 @@ def stream_mask_model(
         output_path=output_path, parameters=params, dtype=dtype, max_shard_size=max_shard_size,
         vocab_policy=vocab_policy, pad_token=pad_token, tokenizer_source=tokenizer_source, side_candidates=[1],
         overwrite=overwrite, exclude=exclude_param_names_regex, dtype_from=1, stats_models=None, body=body,
-        num_threads=num_threads,
+        num_threads=num_threads, name_resolver=name_resolver,
     )  # fmt: skip
 
 
@@ -1154,6 +1217,7 @@ def stream_recover_from_delta(
     max_shard_size: str = "5GB",
     overwrite: bool = False,
     num_threads: int | None = None,
+    name_resolver: NameResolver | None = None,
 ) -> dict[str, Any]:
     """θ = θ_base + δ for models released as weight deltas (WizardLM-7B-V1.0, §2.4 step 3), after aligning the
     vocabularies with ``pad_mean``; float32 arithmetic, output in the delta's dtype unless ``dtype``."""
@@ -1170,7 +1234,7 @@ def stream_recover_from_delta(
         output_path=output_path, parameters={"recover_manner": "add", "pad_token": pad_token, "dtype": dtype or "auto"},
         dtype=dtype, max_shard_size=max_shard_size, vocab_policy="pad_mean", pad_token=pad_token,
         tokenizer_source=None, side_candidates=[1], overwrite=overwrite, exclude=(), dtype_from=1,
-        stats_models=[], body=body, num_threads=num_threads,
+        stats_models=[], body=body, num_threads=num_threads, name_resolver=name_resolver,
     )  # fmt: skip
 
 
@@ -1197,6 +1261,7 @@ def stream_merge(
     tokenizer_source: str | None = None,
     overwrite: bool = False,
     num_threads: int | None = None,
+    name_resolver: NameResolver | None = None,
 ) -> dict[str, Any]:
     """Merge fine-tuned checkpoints out of core; the same bytes as the core's ``average_merging``,
     ``task_arithmetic``, ``ties_merging`` or ``mask_merging`` (DARE + one of them) on the vocabulary-aligned
@@ -1272,5 +1337,5 @@ def stream_merge(
         max_shard_size=max_shard_size, vocab_policy=vocab_policy, pad_token=pad_token,
         tokenizer_source=tokenizer_source, side_candidates=fts, overwrite=overwrite,
         exclude=exclude_param_names_regex, dtype_from=copy_from, stats_models=None, body=body,
-        num_threads=num_threads,
+        num_threads=num_threads, name_resolver=name_resolver,
     )  # fmt: skip

@@ -16,10 +16,13 @@ from model_merging_methods.checkpoint_io import (
     CheckpointReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    find_local_model,
     parse_size,
     resolve_model_path,
     write_side_files,
 )
+from model_merging_methods.paths import OWNER_MARKER, is_toolkit_output
+from model_merging_methods.publish import current_umask, write_json
 from tests.test_streaming_merge import save_state
 from utils.cli import UserError
 
@@ -156,17 +159,25 @@ def test_parse_size():
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1.5KB") == 1500 and parse_size(123) == 123 and parse_size("77") == 77
-    for bad in ("five", "0", "-3MB"):
+    for bad in ("five", "0", "-3MB", "0.5B"):
         with pytest.raises(UserError):
             parse_size(bad)
+    with pytest.raises(UserError, match="too large"):
+        parse_size("9" * 400)
+    with pytest.raises(UserError, match="too large"):
+        parse_size("99999999999TiB")
+    assert parse_size("4TiB") == 4 * 2**40
 
 
 def test_atomic_output_dir(tmp_path):
     target = tmp_path / "out"
     with atomic_output_dir(target) as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-") and not target.exists()
+        assert (
+            tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{os.getpid()}-") and not target.exists()
+        )
+        assert (tmp.stat().st_mode & 0o777) == 0o777 & ~current_umask()  # not mkdtemp's 0700
         (tmp / "a").write_text("1")
-    assert (target / "a").read_text() == "1"
+    assert (target / "a").read_text() == "1" and is_toolkit_output(target)
     with pytest.raises(UserError, match="already exists"):
         with atomic_output_dir(target):
             pass
@@ -178,21 +189,52 @@ def test_atomic_output_dir(tmp_path):
         assert (target / "a").read_text() == "1"  # the old folder is kept when the new one fails
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "b").write_text("3")
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in target.iterdir()) == [OWNER_MARKER, "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
         with atomic_output_dir(tmp_path / "file", overwrite=True):
             pass
+    # a folder this toolkit did not write is never replaced, even with overwrite
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not written by this toolkit"):
+        with atomic_output_dir(tmp_path / "user", overwrite=True):
+            pytest.fail("the body must not run")
+    assert [p.name for p in (tmp_path / "user").iterdir()] == ["notes.txt"]
+    # missing parents are created with the umask's permissions and removed again when the body fails
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "a" / "b" / "c"):
+            assert (tmp_path / "a" / "b").is_dir()
+            raise RuntimeError
+    assert not (tmp_path / "a").exists()
+
+
+def test_write_json_permissions_and_errors(tmp_path):
+    path = write_json(tmp_path / "sub" / "r.json", {"x": 1})
+    assert json.loads(path.read_text()) == {"x": 1}
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~current_umask()  # not mkstemp's 0600
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(UserError, match=r"cannot write .*dir\.json: Is a directory"):
+        write_json(tmp_path / "dir.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "sub"]  # no temporary file left
 
 
 def test_resolve_model_path(tmp_path, monkeypatch):
+    from utils.llm_registry import hub_id
+
     (tmp_path / "m").mkdir()
     assert resolve_model_path(str(tmp_path / "m")) == (tmp_path / "m").resolve()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(UserError, match=r"Llama-2-13b-hf \(meta-llama/Llama-2-13b-hf\).*HF_HUB_OFFLINE"):
+        resolve_model_path("Llama-2-13b-hf", hub_id)  # the registry's names come in through name_resolver
+    with pytest.raises(UserError, match=r"Llama-2-13b-hf \(Llama-2-13b-hf\).*HF_HUB_OFFLINE"):
         resolve_model_path("Llama-2-13b-hf")
+    assert (
+        find_local_model("Llama-2-13b-hf", hub_id) is None
+        and find_local_model(str(tmp_path / "m")) == (tmp_path / "m").resolve()
+    )
     with pytest.raises(UserError, match="model folder not found: ./missing/folder"):
         resolve_model_path("./missing/folder")
 

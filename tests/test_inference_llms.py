@@ -250,7 +250,10 @@ def test_wizardlm_7b_delta_recovery_is_called_once(models, data, tmp_path, monke
             "--recovered_model_path", str(rec), "--dataset_name", "gsm8k", "--data_file", str(data["gsm8k"]),
             "--end_index", "1", "--output_dir", str(out), "--inference_backend", "hf", "--max_new_tokens", "3"]  # fmt: skip
     res = inf.main(argv)["gsm8k"]
-    assert calls == [(str(models["base"]), "WizardLM-7B-V1.0", str(rec), {"pad_token": "[PAD]"})]
+    assert [c[:3] for c in calls] == [(str(models["base"]), "WizardLM-7B-V1.0", str(rec))]
+    assert calls[0][3]["pad_token"] == "[PAD]" and calls[0][3]["name_resolver"]("WizardLM-7B-V1.0") == (
+        "WizardLMTeam/WizardLM-7B-V1.0"
+    )
     assert res["save_name"] == "WizardLM-7B-V1.0-recovered_inference_mask_0.0"
     inf.main(argv + ["--end_index", "2"])  # the recovered folder is reused
     assert len(calls) == 1

@@ -261,8 +261,17 @@ def test_too_few_models_and_existing_output(fam, tmp_path, capsys):
                                    "--skip_evaluation"]))  # fmt: skip
     assert exc.value.code == 2 and "already exists (pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "exists").iterdir()] == ["keep.txt"]
-    cli.main([*_models(fam, ("ft_a", "ft_b")), "--merged_model_path", str(tmp_path / "exists"), "--skip_evaluation",
-              "--overwrite"])  # fmt: skip
-    assert (tmp_path / "exists" / "model.safetensors").is_file() and not (
-        tmp_path / "exists" / "keep.txt"
-    ).exists()
+    # --overwrite never replaces a folder this toolkit did not write
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: cli.main([*_models(fam, ("ft_a", "ft_b")), "--merged_model_path", str(tmp_path / "exists"),
+                                   "--skip_evaluation", "--overwrite"]))  # fmt: skip
+    assert exc.value.code == 2 and "not written by this toolkit" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "exists").iterdir()] == ["keep.txt"]
+    # ... but does replace a merged model it wrote
+    merged = tmp_path / "merged"
+    cli.main([*_models(fam, ("ft_a", "ft_b")), "--merged_model_path", str(merged), "--skip_evaluation"])
+    first = (merged / "merge_manifest.json").read_text()
+    cli.main([*_models(fam, ("ft_a", "ft_b")), "--merged_model_path", str(merged), "--skip_evaluation",
+              "--merging_method_name", "task_arithmetic", "--overwrite"])  # fmt: skip
+    assert (merged / "merge_manifest.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "merged"]  # nothing temporary left

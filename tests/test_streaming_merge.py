@@ -7,6 +7,7 @@ safetensors, sharded safetensors, and a ``.bin`` with an extra ``[PAD]`` vocabul
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -369,7 +370,8 @@ def test_determinism_runs_threads_shards_blocks(family_bf16, tmp_path, monkeypat
     assert _tensor_bytes(tmp_path / "r1") != _tensor_bytes(tmp_path / "r5")
 
 
-def test_manifest_and_delta_statistics(family, tmp_path, capsys):
+def test_manifest_and_delta_statistics(family, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="model_merging_methods.streaming")
     manifest = stream_merge(
         str(family["base"]), [str(family["ft_a"]), str(family["ft_b"])], str(tmp_path / "o"),
         merging_method_name="ties_merging", param_value_mask_rate=0.7, trim_scope="global",
@@ -390,19 +392,23 @@ def test_manifest_and_delta_statistics(family, tmp_path, capsys):
     for s in on_disk["delta_statistics"].values():
         assert 0.0055 < s["p99_9_abs_delta"] < 0.0078 and s["max_abs_delta"] >= s["p99_9_abs_delta"]
         assert 0.0014 < s["mean_abs_delta"] < 0.0018  # E|δ| = σ·sqrt(2/π) ≈ 0.0016
-    assert on_disk["warnings"] == []
-    err = capsys.readouterr().err
-    assert "homology:" in err and "ties_merging: 21 tensors" in err and "peak RSS" in err
+    assert on_disk["warnings"] == [] and on_disk["housekeeping"] == []
+    assert on_disk["dtype"]["chosen"] == ["float32"]
+    assert all(v == ["float32"] for v in on_disk["dtype"]["inputs"].values())
+    # the core logs instead of printing: nothing on stdout/stderr, the lines are in the log
+    assert capsys.readouterr().err == ""
+    logged = caplog.text
+    assert "homology:" in logged and "ties_merging: 21 tensors" in logged and "peak RSS" in logged
 
 
-def test_warning_for_deltas_outside_dare_regime(family, tmp_path, capsys):
+def test_warning_for_deltas_outside_dare_regime(family, tmp_path, caplog):
     far = perturbed(load_dir(family["base"]), 9, scale=0.03)
     save_state(far, tmp_path / "far", "st", family["base"])
     manifest = stream_mask_model(
         str(family["base"]), str(tmp_path / "far"), str(tmp_path / "o"), weight_mask_rate=0.5
     )
     assert len(manifest["warnings"]) == 1 and "outside DARE's regime" in manifest["warnings"][0]
-    assert "warning: deltas of" in capsys.readouterr().err
+    assert any(r.levelname == "WARNING" and "deltas of" in r.getMessage() for r in caplog.records)
 
 
 # -------------------------------------------------------------------------------------- loads, interruption

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import logging
-import math
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from model_merging_methods.errors import MergeError
+from model_merging_methods.errors import MergeError, Terminated, check_finite, check_rate, raise_terminated
+from model_merging_methods.publish import HANDLED_SIGNALS, os_error_message
+
+__all__ = [
+    "UserError",
+    "check_evaluation_args",
+    "check_finite",
+    "check_rate",
+    "llm_data_inputs",
+    "local_model_inputs",
+    "run_main",
+    "setup_logging",
+]
 
 # A problem with the user's input (bad path, bad rate, mismatched models...): the core's one error type under the
 # application's name. Entry scripts let it propagate to :func:`run_main`, which prints ``error: <message>`` and
@@ -16,27 +31,38 @@ UserError = MergeError
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run an entry script's ``main``: ``UserError``/``ValueError`` → one line on stderr and exit 2;
-    Ctrl-C → exit 130. Anything else is a bug and keeps its traceback."""
+    """Run an entry script's ``main``.
+
+    * ``UserError``/``ValueError`` → one ``error: ...`` line on stderr and exit 2;
+    * an operating-system error (disk full, read-only file system, permission denied, name too long, ...) → one
+      ``error: cannot ...`` line naming the path and exit 2;
+    * Ctrl-C → exit 130; SIGTERM and SIGHUP are handled the same way (``finally`` blocks and the removal of
+      partial output run) and exit with 128 + the signal number (143, 129).
+
+    Anything else is a bug and keeps its traceback.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, raise_terminated)
     try:
         main()
-    except (UserError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, ValueError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        print(f"error: {os_error_message(exc, action='read or write')}", file=sys.stderr)
+        sys.exit(2)
+    except Terminated as exc:
+        print(str(exc), file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
-def check_rate(name: str, value: float) -> float:
-    """A rate must be a finite number in [0, 1]; anything else is a ``UserError``."""
-    try:
-        rate = float(value)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{name} must be a number in [0, 1], got {value!r}") from exc
-    if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
-        raise UserError(f"{name} must be in [0, 1], got {value}")
-    return rate
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n")).strip()
+    return text or type(exc).__name__
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -45,3 +71,79 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s - %(name)s - %(levelname)s - %(message)s",
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers the entry scripts share for checking flags and guarding their outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_evaluation_args(args) -> None:
+    """The numeric generation/evaluation flags (``utils.llm_evaluation.add_evaluation_args``), checked before any
+    file is written; flags a parser does not have are skipped."""
+
+    def get(name):
+        return getattr(args, name, None)
+
+    if get("code_timeout") is not None:
+        check_finite("--code_timeout", get("code_timeout"), minimum=0.0, strict=True)
+    if get("gpu_memory_utilization") is not None:
+        value = check_finite(
+            "--gpu_memory_utilization", get("gpu_memory_utilization"), minimum=0.0, strict=True
+        )
+        if value > 1.0:
+            raise UserError(f"--gpu_memory_utilization must be in (0, 1], got {value}")
+    for flag in (
+        "max_new_tokens",
+        "generation_batch_size",
+        "code_workers",
+        "tensor_parallel_size",
+        "max_model_len",
+    ):
+        if get(flag) is not None and int(get(flag)) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {get(flag)}")
+    start, end = get("start_index"), get("end_index")
+    if start is not None and int(start) < 0:
+        raise UserError(f"--start_index must be >= 0, got {start}")
+    if start is not None and end is not None and int(end) < int(start):
+        raise UserError(f"need --start_index <= --end_index, got {start} and {end}")
+
+
+def local_model_inputs(named: dict[str, str | None], name_resolver=None) -> dict[str, Path]:
+    """``{label: local folder}`` for models given by name or path (registry names and hub ids resolved through
+    ``name_resolver`` and the HF cache, without downloading); names with no local folder cannot be overwritten
+    and are left out. A path that exists but is not a folder is kept: it is still the user's file."""
+    from model_merging_methods.checkpoint_io import find_local_model
+
+    out: dict[str, Path] = {}
+    for label, name in named.items():
+        if not name:
+            continue
+        folder = find_local_model(str(name), name_resolver)
+        if folder is not None:
+            out[label] = folder
+        elif os.path.lexists(os.path.expanduser(str(name))):
+            out[label] = Path(os.path.expanduser(str(name)))
+    return out
+
+
+def llm_data_inputs(args, datasets) -> dict[str, Path]:
+    """``{label: data file}`` of every data file an LLM evaluation of ``datasets`` may read (the per-dataset flags,
+    ``--data_file`` and the standard files in ``--data_dir``), for the output-path guard."""
+    try:
+        from utils.llm_evaluation import DATA_FILE_FLAGS
+        from utils.math_code_data import STANDARD_FILES, default_data_dir
+    except ImportError:  # no evaluation installed: nothing is read
+        return {}
+
+    out: dict[str, Path] = {}
+    for dest in [*DATA_FILE_FLAGS.values(), "data_file"]:
+        value = getattr(args, dest, None)
+        if value:
+            out[f"--{dest}"] = Path(value)
+    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else default_data_dir()
+    for dataset in datasets:
+        standard = data_dir / STANDARD_FILES.get(dataset, "")
+        if dataset in STANDARD_FILES and os.path.lexists(standard):
+            out[f"{dataset} data"] = standard
+    return out

@@ -1,15 +1,19 @@
-"""Writing result files atomically (never a half-written JSON), and the original's 4-decimal rounding."""
+"""Writing result files atomically (never a half-written JSON; the writers live in the core,
+:mod:`model_merging_methods.publish`), and the original's 4-decimal rounding."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# the core's atomic writers (temporary file + rename, umask permissions, one-line errors), re-exported
+from model_merging_methods.publish import atomic_write_text, write_json
+
+__all__ = ["atomic_write_text", "markdown_table", "read_json", "round_floats", "write_json", "write_table"]
 
 
 def round_floats(obj: Any, ndigits: int = 4) -> Any:
@@ -21,26 +25,6 @@ def round_floats(obj: Any, ndigits: int = 4) -> Any:
     if isinstance(obj, list | tuple):
         return [round_floats(v, ndigits) for v in obj]
     return obj
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, obj: Any, indent: int = 4) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
