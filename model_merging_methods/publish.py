@@ -210,10 +210,9 @@ def deferred_signals() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_output_path(target: PathLike, overwrite: bool = False) -> Path:
-    """The absolute output path, after refusing everything that cannot or must not be written (see the module
-    docstring). Reads and writes nothing."""
-    target = Path(os.path.abspath(os.path.expanduser(os.fspath(target))))
+def _check_location(target: Path) -> Path:
+    """Name lengths, and the folder that will hold ``target``: it must be a writable folder on a writable file
+    system. Returns the nearest existing ancestor."""
     ancestor = _existing_ancestor(target)
     if len(os.fsencode(str(target))) >= PATH_MAX:
         raise MergeError(f"output path {str(target)[:80]}... is longer than the limit of {PATH_MAX} bytes")
@@ -225,6 +224,25 @@ def check_output_path(target: PathLike, overwrite: bool = False) -> Path:
                 f"cannot write {target}: the name {part[:40]}... is {n} bytes long, more than the file system's "
                 f"limit of {limit}"
             )
+    return ancestor
+
+
+def _check_writable(target: Path, folder: Path) -> None:
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    if read_only:
+        raise MergeError(f"cannot write {target}: {folder} is on a read-only file system")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MergeError(f"cannot write {target}: permission denied in {folder}")
+
+
+def check_output_path(target: PathLike, overwrite: bool = False) -> Path:
+    """The absolute output path, after refusing everything that cannot or must not be written (see the module
+    docstring). Reads and writes nothing."""
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(target))))
+    ancestor = _check_location(target)
     if os.path.lexists(target):
         if target.is_symlink():
             if not overwrite and target.is_dir():
@@ -241,20 +259,28 @@ def check_output_path(target: PathLike, overwrite: bool = False) -> Path:
                 f"refusing to replace {target}: it was not written by this toolkit (it has no {OWNER_MARKER} or "
                 f"{MANIFEST}); remove it yourself or choose another output path"
             )
-        parent = target.parent
+        _check_writable(target, target.parent)
     else:
-        parent = ancestor
-        if not parent.is_dir():
-            raise MergeError(f"cannot create {target}: {parent} is not a folder")
-    try:
-        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        read_only = False
-    if read_only:
-        raise MergeError(f"cannot write {target}: {parent} is on a read-only file system")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MergeError(f"cannot write {target}: permission denied in {parent}")
+        if not ancestor.is_dir():
+            raise MergeError(f"cannot create {target}: {ancestor} is not a folder")
+        _check_writable(target, ancestor)
     return target
+
+
+def check_output_folder(folder: PathLike) -> Path:
+    """Like :func:`check_output_path` for a folder that may already exist and is written into (a results folder
+    shared by several runs): it must be a folder, or creatable, on a writable file system."""
+    folder = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    ancestor = _check_location(folder)
+    if not ancestor.is_dir():
+        what = (
+            "exists and is not a folder"
+            if ancestor == folder
+            else f"cannot be created: {ancestor} is not a folder"
+        )
+        raise MergeError(f"output folder {folder} {what}")
+    _check_writable(folder, ancestor)
+    return folder
 
 
 def _temp_path(target: Path, tag: str) -> Path:
@@ -443,6 +469,39 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
             raise MergeError(os_error_message(shown, path)) from exc
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_files(folder: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder inside ``folder`` (created if needed) for a set of result files; when the body
+    completes, every file in it is moved into ``folder`` (replacing files of the same name), so a run that fails
+    half-way leaves none of its files behind. Stale staging folders of killed runs are removed first."""
+    folder = check_output_folder(folder)
+    remove_stale_temporaries(folder / ".staging")
+    created: list[Path] = []
+    tmp: Path | None = None
+    try:
+        with signals_as_exceptions():
+            created = make_parents(folder)
+            tmp = _temp_path(folder / ".staging", "tmp")
+            os.mkdir(tmp)
+            write_owner_marker(tmp, "staged result files", pid=os.getpid(), host=socket.gethostname())
+            yield tmp
+            with deferred_signals():
+                for entry in sorted(os.scandir(tmp), key=lambda e: e.name):
+                    if entry.name != OWNER_MARKER:
+                        os.replace(entry.path, folder / entry.name)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp = None
+                created = []
+    except OSError as exc:
+        raise MergeError(os_error_message(exc, folder)) from exc
+    finally:
+        if tmp is not None or created:
+            with deferred_signals():
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                remove_created(created)
 
 
 def write_json(path: PathLike, obj: Any, indent: int = 4) -> Path:

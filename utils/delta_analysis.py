@@ -247,8 +247,9 @@ def stream_delta_statistics(
 
     from model_merging_methods.checkpoint_io import CheckpointReader, resolve_model_path
     from utils.cli import UserError
+    from utils.llm_registry import hub_id
 
-    pre_path, ft_path = resolve_model_path(pretrained), resolve_model_path(finetuned)
+    pre_path, ft_path = resolve_model_path(pretrained, hub_id), resolve_model_path(finetuned, hub_id)
     with (
         CheckpointReader(pre_path, label=pretrained) as pre,
         CheckpointReader(ft_path, label=finetuned) as ft,
