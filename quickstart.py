@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -384,6 +383,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
+    from model_merging_methods.paths import is_toolkit_output, remove_toolkit_output
     from model_merging_methods.streaming import stream_mask_model, stream_merge
     from utils.delta_analysis import DARE_BREAKS_ABOVE, DARE_WORKS_BELOW, dare_regime_verdict
     from utils.results_io import markdown_table, round_floats, write_json, write_table
@@ -500,8 +500,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
                         **params,
                     )
             res = run.evaluate(mkey, folder, [skill], f"{job['variant']} {job['rate']} {skill}")
-            if not args.keep_models:
-                shutil.rmtree(folder, ignore_errors=True)
+            if not args.keep_models and is_toolkit_output(folder):
+                remove_toolkit_output(folder)  # only ever a folder the toolkit wrote
         else:
             run.n_cached += 1
         records.append(
