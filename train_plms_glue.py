@@ -39,6 +39,7 @@ from utils.glue_data_loader import (
 )
 from utils.glue_paths import (
     DEFAULT_MODELS_DIR,
+    check_model_configs,
     check_outputs,
     load_sequence_classifier,
     load_tokenizer,
@@ -237,6 +238,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     setup_logging()
     _check_args(args)
+    check_model_configs({"--language_model_name": args.language_model_name})
     _check_outputs(args)
     tokenizer = load_tokenizer(args.language_model_name)
     results = [train_one_run(args, tokenizer, run) for run in range(args.num_runs)]

@@ -12,10 +12,11 @@ model is the head. The model class names its base model in ``base_model_prefix``
 included), everything else is head (BERT ``classifier``; RoBERTa / ELECTRA ``classifier.dense`` and
 ``classifier.out_proj``; DeBERTa ``pooler`` and ``classifier``; GPT-2 ``score``). Heads are never masked or merged.
 
-Padding (:func:`prepare_tokenizer`): batches are always padded on the right; a tokenizer without a pad token
-(GPT-2) gets its unk token, else its eos token, as pad (FusionBench's choice), and the model's
-``config.pad_token_id`` is set to the tokenizer's, so models that read the score at the last real token (GPT-2:
-the rightmost position whose id is not the pad id) find it.
+Padding (:func:`prepare_tokenizer`): batches are always padded on the right (a checkpoint whose tokenizer pads on
+the left is padded on the right too, so absolute positions start at 0); a tokenizer without a pad token (GPT-2)
+gets its eos token, else its unk token, as pad (for GPT-2 both are ``<|endoftext|>``, FusionBench's pad), and the
+model's ``config.pad_token_id`` is set to the tokenizer's, so models that read the score at the last real token
+(GPT-2: the rightmost position whose id is not the pad id) find it.
 """
 
 from __future__ import annotations
@@ -137,11 +138,11 @@ def load_tokenizer(name_or_path: str | Path):
 
 
 def prepare_tokenizer(tokenizer, where: str = "the tokenizer"):
-    """Right padding, and a pad token: the tokenizer's own, else its unk token, else its eos token (what
-    FusionBench does for GPT-2). A tokenizer with none of them is a UserError."""
+    """Right padding, and a pad token: the tokenizer's own, else its eos token, else its unk token (for GPT-2 both
+    are ``<|endoftext|>``, FusionBench's pad). A tokenizer with none of them is a UserError."""
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
-        fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if fallback is None:
             raise UserError(f"{where}: the tokenizer has no pad, unk or eos token to pad batches with")
         tokenizer.pad_token = fallback

@@ -58,7 +58,7 @@ def build_word_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A lower-cased word-level tokenizer trained on ``texts`` with BERT (``[CLS] a [SEP] b [SEP]``),
     RoBERTa (``<s> a </s></s> b </s>``) or GPT-2 (``gpt2``: no special tokens around the text, a pair is the two
-    texts one after the other, ``<|endoftext|>`` as unk/bos/eos and **no pad token**, as GPT-2 ships) tokens."""
+    texts one after the other, ``<|endoftext|>`` as bos/eos and **no pad token**, as GPT-2 ships) tokens."""
     if style == "gpt2":
         return _gpt2_word_tokenizer(texts, vocab_size, save_dir)
     if style == "bert":
@@ -103,15 +103,18 @@ def build_word_tokenizer(
 def _gpt2_word_tokenizer(
     texts: Iterable[str], vocab_size: int, save_dir: str | Path | None
 ) -> PreTrainedTokenizerFast:
-    eot = "<|endoftext|>"
-    tok = Tokenizer(models.WordLevel(unk_token=eot))
+    """GPT-2's special tokens (``<|endoftext|>`` as bos/eos, no pad token) over a word vocabulary. Unknown words
+    map to a separate ``<unk>`` (GPT-2's byte-level BPE has no unknown words; a word vocabulary needs one, and it
+    must not be the token that will pad the batches)."""
+    eot, unk = "<|endoftext|>", "<unk>"
+    tok = Tokenizer(models.WordLevel(unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(
-        list(texts), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[eot])
+        list(texts), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[eot, unk])
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot,
+        tokenizer_object=tok, unk_token=unk, bos_token=eot, eos_token=eot,
         model_input_names=["input_ids", "attention_mask"],
     )  # fmt: skip
     if save_dir is not None:
