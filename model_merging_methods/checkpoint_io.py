@@ -58,6 +58,7 @@ __all__ = [
     "atomic_output_dir",
     "check_output_path",
     "find_local_model",
+    "hub_cache_repo",
     "parse_size",
     "read_json_object",
     "read_safetensors_header",
@@ -297,6 +298,17 @@ def find_local_model(name_or_path: str, name_resolver: NameResolver | None = Non
         return None
     repo_id = _hub_repo_id(name_or_path, name_resolver)
     return _cached_snapshot(repo_id) if repo_id is not None else None
+
+
+def hub_cache_repo(folder: str | Path) -> Path | None:
+    """The Hugging Face cache repository folder (``.../models--org--name``) of a snapshot folder
+    (``.../snapshots/<revision>``), whose ``blobs`` hold the snapshot's files; None for any other folder. The
+    output-path guard treats the whole repository folder as the input."""
+    folder = Path(folder)
+    repo = folder.parent.parent
+    if folder.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--")):
+        return repo
+    return None
 
 
 def resolve_model_path(name_or_path: str, name_resolver: NameResolver | None = None) -> Path:

@@ -64,9 +64,16 @@ def guard_outputs(
                 continue
             rel = relation(out, inp)
             if rel is not None:
-                what = f"output {out_label} {out}" if out_label else f"output path {out}"
-                target = f"input {in_label} {inp}" if in_label else f"input {inp}"
+                what = f"output {out_label} {_shown(out)}" if out_label else f"output path {_shown(out)}"
+                target = f"input {in_label} {_shown(inp)}" if in_label else f"input {_shown(inp)}"
                 raise MergeError(f"{what} {rel} {target}; choose an output path outside every input")
+
+
+def _shown(path: PathLike) -> str:
+    """``path`` as given, with its canonical form when that differs (``.``, ``..``, symbolic links)."""
+    real = str(canonical(path))
+    given = os.fspath(path)
+    return given if given == real else f"{given} (= {real})"
 
 
 def write_owner_marker(folder: PathLike, kind: str, **details) -> Path:

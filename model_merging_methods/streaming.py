@@ -55,6 +55,7 @@ from model_merging_methods.checkpoint_io import (
     CheckpointReader,
     NameResolver,
     ShardedSafetensorsWriter,
+    hub_cache_repo,
     parse_size,
     resolve_model_path,
     torch_dtype_name,
@@ -1051,9 +1052,10 @@ def _run(
     tokenizer_folder = (
         resolve_model_path(str(tokenizer_source), name_resolver) if tokenizer_source is not None else None
     )
-    model_inputs = dict(zip(labels, folders))
-    if tokenizer_folder is not None:
-        model_inputs["tokenizer source"] = tokenizer_folder
+    model_inputs: dict[str, Path] = {}
+    for label, folder in [*zip(labels, folders), ("tokenizer source", tokenizer_folder)]:
+        if folder is not None:
+            model_inputs[label] = hub_cache_repo(folder) or folder  # a cached snapshot: its whole repository
     guard_outputs({"path": output_path}, model_inputs)
     target = check_output_path(output_path, overwrite)
     inputs = open_inputs(folders, labels, vocab_policy, exclude, out_dtype, dtype_from)

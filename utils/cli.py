@@ -41,8 +41,10 @@ def run_main(main: Callable[[], object]) -> None:
 
     Anything else is a bug and keeps its traceback.
     """
+    old_handlers = {}
     if threading.current_thread() is threading.main_thread():
         for s in HANDLED_SIGNALS:
+            old_handlers[s] = signal.getsignal(s)
             signal.signal(s, raise_terminated)
     try:
         main()
@@ -58,6 +60,9 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -111,9 +116,9 @@ def check_evaluation_args(args) -> None:
 
 def local_model_inputs(named: dict[str, str | None], name_resolver=None) -> dict[str, Path]:
     """``{label: local folder}`` for models given by name or path (registry names and hub ids resolved through
-    ``name_resolver`` and the HF cache, without downloading); names with no local folder cannot be overwritten
-    and are left out. A path that exists but is not a folder is kept: it is still the user's file."""
-    from model_merging_methods.checkpoint_io import find_local_model
+    ``name_resolver`` and the HF cache, without downloading; for a cached snapshot the whole cache repository
+    folder, blobs included); names with no local folder cannot be overwritten and are left out. A path that exists but is not a folder is kept: it is still the user's file."""
+    from model_merging_methods.checkpoint_io import find_local_model, hub_cache_repo
 
     out: dict[str, Path] = {}
     for label, name in named.items():
@@ -121,7 +126,10 @@ def local_model_inputs(named: dict[str, str | None], name_resolver=None) -> dict
             continue
         folder = find_local_model(str(name), name_resolver)
         if folder is not None:
-            out[label] = folder
+            repo = hub_cache_repo(folder)  # a cached snapshot: its whole cache repository
+            if repo is not None and not os.path.isdir(os.path.expanduser(str(name))):
+                label = f"{label} {name} (in the Hugging Face cache)"
+            out[label] = repo or folder
         elif os.path.lexists(os.path.expanduser(str(name))):
             out[label] = Path(os.path.expanduser(str(name)))
     return out
