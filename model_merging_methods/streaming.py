@@ -327,7 +327,7 @@ class Inputs:
 def _config_vocab(config: dict[str, Any] | None) -> int | None:
     if not config:
         return None
-    if isinstance(config.get("vocab_size"), int):
+    if isinstance(config.get("vocab_size"), int) and not isinstance(config["vocab_size"], bool):
         return config["vocab_size"]
     text = config.get("text_config")
     if isinstance(text, dict) and isinstance(text.get("vocab_size"), int):
@@ -341,7 +341,7 @@ def resolve_vocab_policy(policy: str, readers: Sequence[CheckpointReader]) -> st
         raise UserError(f"vocab_policy must be one of {', '.join(VOCAB_POLICIES)}; got {policy!r}")
     if policy != "auto":
         return policy
-    types = {(r.config or {}).get("model_type") for r in readers}
+    types = {str((r.config or {}).get("model_type")) for r in readers}
     return "pad_mean" if types and all(t in LLAMA_FAMILY for t in types) else "error"
 
 
