@@ -381,10 +381,11 @@ def atomic_output_dir(
     published folder. On any exception, Ctrl-C, SIGTERM or SIGHUP the temporary folder and the parent folders made
     for it are removed and the target is untouched; operating-system errors become one-line ``MergeError``s.
     """
-    target = check_output_path(target, overwrite)
-    lines = remove_stale_temporaries(target)
+    # stale folders first: a replaced output whose replacement never arrived is restored, and then checked
+    lines = remove_stale_temporaries(Path(os.path.abspath(os.path.expanduser(os.fspath(target)))))
     if housekeeping is not None:
         housekeeping.extend(lines)
+    target = check_output_path(target, overwrite)
     created: list[Path] = []
     tmp: Path | None = None
     try:

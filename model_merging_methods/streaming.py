@@ -81,7 +81,12 @@ from model_merging_methods.merging_methods import (
     ties_trim_threshold,
 )
 from model_merging_methods.paths import guard_outputs
-from model_merging_methods.publish import atomic_output_dir, check_output_path, write_json
+from model_merging_methods.publish import (
+    atomic_output_dir,
+    check_output_path,
+    remove_stale_temporaries,
+    write_json,
+)
 
 __all__ = [
     "resolve_model_path",
@@ -1057,10 +1062,10 @@ def _run(
         if folder is not None:
             model_inputs[label] = hub_cache_repo(folder) or folder  # a cached snapshot: its whole repository
     guard_outputs({"path": output_path}, model_inputs)
+    housekeeping = remove_stale_temporaries(Path(os.path.abspath(os.path.expanduser(output_path))))
     target = check_output_path(output_path, overwrite)
     inputs = open_inputs(folders, labels, vocab_policy, exclude, out_dtype, dtype_from)
     workers = default_workers() if num_threads is None else int(num_threads)
-    housekeeping: list[str] = []
     try:
         guard_outputs({"path": target}, _input_files(inputs, tokenizer_folder))
         stats = delta_statistics(inputs, 0, stats_models) if stats_models is None or stats_models else {}
