@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.code_sandbox import run_program, run_programs
+from utils.code_sandbox import run_program, run_programs, sandbox_isolation
 
 TIMEOUT = 2.0
 
@@ -101,11 +101,39 @@ def test_the_program_runs_in_an_empty_private_directory_with_a_clean_environment
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
-        run_programs(["pass"], timeout=0)
+    for timeout in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout"):
+            run_programs(["pass"], timeout=timeout)
     with pytest.raises(ValueError):
         run_programs(["pass"], workers=0)
+    with pytest.raises(ValueError, match="isolation"):
+        run_programs(["pass"], isolation="docker")
     assert run_programs([]) == []
+
+
+@pytest.mark.parametrize("isolation", ["auto", "guard"])
+def test_results_say_how_the_programs_were_isolated(isolation):
+    expected = sandbox_isolation(isolation)
+    (result,) = run_programs(["assert True"], timeout=5, isolation=isolation)
+    assert result.passed and result.isolation == expected.summary
+    if expected.mode == "guard":
+        assert "OFF: network isolation" in result.isolation
+
+
+@pytest.mark.parametrize("isolation", ["auto", "guard"])
+def test_printing_a_lot_is_buffered_and_output_is_discarded(isolation):
+    program = (
+        "import sys\n"
+        "assert not sys.stdout.line_buffering and not sys.stdout.write_through\n"
+        "for i in range(100_000):\n"
+        "    print(i, 'x' * 20)\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "assert input.__name__ == 'input'\n"
+    )
+    result = run_program(program, timeout=20, isolation=isolation)
+    assert result.passed, result.status
+    eof = run_program("input()", timeout=5, isolation=isolation)
+    assert not eof.passed and "EOFError" in eof.status
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="needs Linux /proc")
