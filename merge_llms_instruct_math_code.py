@@ -286,6 +286,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     merged_path = Path(args.merged_model_path or Path("save_merge_models") / group / save_name)
     eval_tasks = args.evaluate_tasks if args.evaluate_tasks is not None else tasks
     guard_paths(args, pretrained, names, merged_path, eval_tasks, f"{group}/{save_name}", evaluate)
+    if evaluate and eval_tasks:
+        try:
+            from utils.llm_evaluation import check_data
+        except ImportError:
+            check_data = None
+        if check_data is not None:  # missing data fails now, not after an hours-long merge
+            check_data(_evaluation_datasets(eval_tasks), args)
     if getattr(args, "evaluate_only", False):  # the original's direct_inference_merged_llms_* script
         if not (merged_path / "config.json").is_file():
             raise UserError(f"--evaluate_only: no merged model at {merged_path}")

@@ -291,6 +291,8 @@ def find_local_model(name_or_path: str, name_resolver: NameResolver | None = Non
     """The local folder ``name_or_path`` refers to without any download: an existing folder, or the Hugging Face
     cache's snapshot of the hub id (``name_resolver`` maps short names such as registry names to hub ids).
     None when there is none (the output-path guard compares outputs with these folders)."""
+    if not str(name_or_path).strip():
+        return None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -320,6 +322,8 @@ def resolve_model_path(name_or_path: str, name_resolver: NameResolver | None = N
     unset) the weights, config and tokenizer files are downloaded. A ``MergeError`` names the model when none of
     this works.
     """
+    if not str(name_or_path).strip():
+        raise UserError("a model name or path is empty")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path.resolve()

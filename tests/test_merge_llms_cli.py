@@ -117,6 +117,8 @@ def test_evaluation_hook(fam, tmp_path, monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: calls.append(a) or {"gsm8k": {"accuracy": 0.5}})
+    checked = []
+    monkeypatch.setattr(ev, "check_data", lambda datasets, args: checked.append(datasets))  # no data here
     out = tmp_path / "m"
     manifest = cli.main([*_models(fam, ("ft_a", "ft_b")), "--merged_model_path", str(out), "--evaluate_tasks",
                          "math", "code", "--start_index", "2", "--end_index", "5"])  # fmt: skip
@@ -124,6 +126,7 @@ def test_evaluation_hook(fam, tmp_path, monkeypatch, capsys):
     assert model_path == str(out) and datasets == ["gsm8k", "MATH", "human_eval", "mbpp"]
     assert save_name == "ft_a_ft_b/average_merging_base_base" and (args.start_index, args.end_index) == (2, 5)
     assert manifest["evaluation"] == {"gsm8k": {"accuracy": 0.5}}
+    assert checked == [["gsm8k", "MATH", "human_eval", "mbpp"]]  # the data is checked before merging
     cli.main([*_models(fam, ("ft_a", "ft_b")), "--merged_model_path", str(tmp_path / "m2")])
     assert "no tasks to evaluate" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "utils.llm_evaluation", None)  # not importable
@@ -275,3 +278,23 @@ def test_too_few_models_and_existing_output(fam, tmp_path, capsys):
               "--merging_method_name", "task_arithmetic", "--overwrite"])  # fmt: skip
     assert (merged / "merge_manifest.json").read_text() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "merged"]  # nothing temporary left
+
+
+def test_missing_evaluation_data_fails_before_merging(fam, tmp_path, capsys, monkeypatch):
+    from model_merging_methods import streaming
+
+    monkeypatch.setattr(
+        streaming, "stream_merge", lambda *a, **k: pytest.fail("merged before checking the data")
+    )
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: cli.main([*_models(fam, ("ft_a", "ft_b")), "--evaluate_tasks", "math", "--gsm8k_file",
+                                   str(tmp_path / "missing.jsonl"), "--merged_model_path", str(tmp_path / "out")]))  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "data file not found" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_model_name(fam, tmp_path, capsys):
+    line = _fails(["--pretrained_model_name", "", "--finetuned_model_names", str(fam["ft_a"]), str(fam["ft_b"])],
+                  capsys, tmp_path / "out")  # fmt: skip
+    assert "a model name or path is empty" in line
