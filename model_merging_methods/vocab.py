@@ -1,0 +1,274 @@
+"""Union vocabulary: merge models whose tokenizers extend one base tokenizer with different tokens.
+
+:func:`build_union_vocab` reads every model's tokenizer (Hugging Face fast tokenizers, i.e. the ``tokenizers``
+library; nothing here tokenizes text by hand) and builds the union *by token string*: the base's tokens first, in
+the base's id order, then every token the base lacks, model after model, each model's in its own id order. It
+returns, for every model, the map from union rows to that model's embedding rows (-1 where the model lacks the
+token), and the union tokenizer: the base tokenizer with the new tokens added as added tokens (special where they
+are special in the model that brought them), saved into the merged folder with :meth:`UnionVocab.save`.
+
+Refused with a :class:`~model_merging_methods.errors.MergeError`: a model (or the base) without a tokenizer, a
+slow-only tokenizer, a base tokenizer whose ids have holes, a model whose tokenizer gives a base-range id to another
+token than the base does (or gives a base token another id), a token id beyond the model's embedding rows, and a
+union tokenizer that does not reproduce the planned ids.
+
+Semantics of a merge with the union vocabulary (what the merge engine does with these maps; see
+:meth:`UnionVocab.row_kinds`):
+
+* a row whose token the base has is merged by the chosen method from the base and the models that have the token
+  (every model, in the usual case where each model keeps the base vocabulary);
+* a row whose token the base lacks (a token some models added) is merged from those models only: the row of the one
+  model that added it, unchanged (no DARE: a new token has no base row, hence no delta), or the mean of the rows of
+  the models that added it;
+* rows added by ``pad_to_multiple_of`` belong to no token; they get the mean of the base's rows (the original's
+  ``pad_mean`` row);
+* tied embeddings stay tied: the input embedding is the only vocabulary tensor such checkpoints store, and the
+  output keeps the tie (:func:`check_tied_embeddings` refuses models that disagree on tying).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_merging_methods.checkpoint_io import TOKENIZER_FILES
+from model_merging_methods.errors import MergeError
+
+__all__ = [
+    "UnionVocab",
+    "build_union_vocab",
+    "check_tied_embeddings",
+    "has_tokenizer",
+    "load_tokenizer",
+]
+
+ROW_SHARED, ROW_NEW, ROW_PADDING = "shared", "new", "padding"
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds tokenizer files."""
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | os.PathLike, label: str):
+    """The fast (``tokenizers``-backed) tokenizer in ``folder``; a MergeError when there is none or it cannot load."""
+    folder = Path(folder)
+    if not has_tokenizer(folder):
+        raise MergeError(
+            f"the union vocabulary needs every model's tokenizer, but {label} has none in {folder}"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer of the user's is one readable line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise MergeError(f"cannot load the tokenizer of {label} in {folder}: {first}") from exc
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise MergeError(f"the tokenizer of {label} in {folder} has no fast (tokenizers) version")
+    return tok
+
+
+def _id_to_token(vocab: dict[str, int], label: str) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for tok, i in vocab.items():
+        if i in out and out[i] != tok:
+            raise MergeError(f"the tokenizer of {label} gives id {i} to both {out[i]!r} and {tok!r}")
+        out[i] = tok
+    return out
+
+
+@dataclass
+class UnionVocab:
+    """The union vocabulary of a base (model 0) and the models to merge; see the module docstring."""
+
+    tokens: list[str]  # union tokens, in union id order
+    size: int  # rows of the merged vocabulary tensors (tokens + padding)
+    base_size: int  # tokens of the base
+    labels: list[str]
+    row_maps: list[
+        torch.Tensor
+    ]  # per model: int64 [size], the model's row of each union row, -1 where absent
+    added: list[dict[str, Any]] = field(default_factory=list)  # tokens the base lacks: union id, models, ids
+    tokenizer: Any = None  # the union tokenizer (transformers fast tokenizer)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def row_kinds(self) -> list[tuple[int, int, str]]:
+        """The union rows as maximal runs ``(start, end, kind)``: ``shared`` (the base has the token), ``new`` (only
+        some models added it) or ``padding`` (``pad_to_multiple_of``)."""
+        runs: list[tuple[int, int, str]] = []
+        for start, end, kind in (
+            (0, self.base_size, ROW_SHARED),
+            (self.base_size, self.num_tokens, ROW_NEW),
+            (self.num_tokens, self.size, ROW_PADDING),
+        ):
+            if end > start:
+                runs.append((start, end, kind))
+        return runs
+
+    def owners(self, row: int) -> list[int]:
+        """The models (indices) that have the token of union ``row``."""
+        return [m for m, rows in enumerate(self.row_maps) if int(rows[row]) >= 0]
+
+    def model_rows(self, m: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, present) for union rows [start, end): model ``m``'s row ids (0 where absent) and a bool mask of
+        the rows it has. Gather a model's block with ``tensor[rows]`` and keep ``present``."""
+        ids = self.row_maps[m][start:end]
+        present = ids >= 0
+        return torch.where(present, ids, torch.zeros_like(ids)), present
+
+    def save(self, out_dir: str | os.PathLike) -> list[str]:
+        """Save the union tokenizer into ``out_dir`` (``save_pretrained``); returns the files written."""
+        try:
+            files = self.tokenizer.save_pretrained(str(out_dir))
+        except OSError as exc:
+            raise MergeError(f"cannot write the union tokenizer to {out_dir}: {exc.strerror or exc}") from exc
+        return sorted({Path(f).name for f in files})
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "policy": "union",
+            "tokens": self.num_tokens,
+            "rows": self.size,
+            "base_tokens": self.base_size,
+            "added_tokens": self.added,
+            "models_missing_base_tokens": {
+                self.labels[m]: int((rows[: self.base_size] < 0).sum())
+                for m, rows in enumerate(self.row_maps)
+                if m > 0 and bool((rows[: self.base_size] < 0).any())
+            },
+        }
+
+
+def build_union_vocab(
+    folders: Sequence[str | os.PathLike],
+    labels: Sequence[str],
+    embedding_rows: Sequence[int | None] | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> UnionVocab:
+    """The union vocabulary of the tokenizers in ``folders`` (index 0: the base); ``embedding_rows[m]`` (when given)
+    is model m's number of embedding rows, which its token ids must fit. See the module docstring."""
+    if len(folders) != len(labels):
+        raise ValueError("folders and labels differ in length")
+    if pad_to_multiple_of is not None and (
+        isinstance(pad_to_multiple_of, bool)
+        or not isinstance(pad_to_multiple_of, int)
+        or pad_to_multiple_of < 1
+    ):
+        raise MergeError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+    toks = [load_tokenizer(f, label) for f, label in zip(folders, labels)]
+    vocabs = [t.get_vocab() for t in toks]
+    base_ids = _id_to_token(vocabs[0], labels[0])
+    base_size = max(base_ids) + 1 if base_ids else 0
+    if len(base_ids) != base_size:
+        missing = next(i for i in range(base_size) if i not in base_ids)
+        raise MergeError(
+            f"the base tokenizer of {labels[0]} has no token with id {missing} (its ids are not contiguous); "
+            "the union vocabulary needs a base tokenizer with ids 0..N-1"
+        )
+    tokens = [base_ids[i] for i in range(base_size)]
+    index = {t: i for i, t in enumerate(tokens)}
+    added: list[dict[str, Any]] = []
+    new_attrs: dict[str, Any] = {}
+    for m in range(1, len(toks)):
+        label, vocab = labels[m], vocabs[m]
+        ids = _id_to_token(vocab, label)
+        rows = embedding_rows[m] if embedding_rows is not None else None
+        for i in sorted(ids):
+            t = ids[i]
+            if rows is not None and i >= rows:
+                raise MergeError(
+                    f"the tokenizer of {label} gives id {i} to {t!r}, but its embedding has only {rows} rows"
+                )
+            if i < base_size:
+                if base_ids[i] != t:
+                    raise MergeError(
+                        f"the tokenizers disagree in the base range: {label} gives id {i} to {t!r} but the base "
+                        f"{labels[0]} gives it to {base_ids[i]!r}; the union vocabulary needs models that keep the "
+                        "base tokenizer's ids"
+                    )
+                continue
+            if t in index and index[t] < base_size:
+                raise MergeError(
+                    f"the tokenizers disagree: {label} gives {t!r} id {i} but the base {labels[0]} gives it id "
+                    f"{index[t]}"
+                )
+            if t not in index:
+                index[t] = len(tokens)
+                tokens.append(t)
+                new_attrs[t] = toks[m].added_tokens_decoder.get(i)
+                added.append({"token": t, "union_id": index[t], "models": [], "ids": {}})
+            entry = added[index[t] - base_size]
+            entry["models"].append(label)
+            entry["ids"][label] = i
+    if embedding_rows is not None and embedding_rows[0] is not None and base_size > embedding_rows[0]:
+        raise MergeError(
+            f"the base tokenizer of {labels[0]} has {base_size} tokens but its embedding only {embedding_rows[0]} rows"
+        )
+    n = len(tokens)
+    size = n if not pad_to_multiple_of else math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
+    row_maps = []
+    for vocab in vocabs:
+        rows = torch.full((size,), -1, dtype=torch.int64)
+        for t, i in vocab.items():
+            if t in index:
+                rows[index[t]] = i
+        row_maps.append(rows)
+    union_tok = _union_tokenizer(toks[0], tokens[base_size:], new_attrs, base_size, labels[0])
+    return UnionVocab(tokens, size, base_size, list(labels), row_maps, added, union_tok)
+
+
+def _union_tokenizer(base_tok, new_tokens: list[str], attrs: dict[str, Any], base_size: int, base_label: str):
+    """The base tokenizer with ``new_tokens`` added (ids base_size, base_size + 1, ...), checked."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(base_tok)
+    for t in new_tokens:
+        a = attrs.get(t)
+        special = bool(getattr(a, "special", False))
+        token = (
+            AddedToken(
+                t,
+                single_word=a.single_word,
+                lstrip=a.lstrip,
+                rstrip=a.rstrip,
+                normalized=a.normalized,
+                special=special,
+            )  # fmt: skip
+            if a is not None
+            else AddedToken(t, special=False, normalized=False)
+        )
+        tok.add_tokens([token], special_tokens=special)
+    vocab = tok.get_vocab()
+    for j, t in enumerate(new_tokens):
+        if vocab.get(t) != base_size + j:
+            raise MergeError(
+                f"the union tokenizer built from {base_label} gives {t!r} id {vocab.get(t)}, not the planned "
+                f"{base_size + j}"
+            )
+    return tok
+
+
+def check_tied_embeddings(configs: Sequence[dict[str, Any] | None], labels: Sequence[str]) -> bool | None:
+    """Whether the models tie their input and output embeddings (``tie_word_embeddings`` of their configs; None when
+    no config says); a MergeError when two models say differently."""
+    known = {
+        label: bool(c["tie_word_embeddings"])
+        for c, label in zip(configs, labels)
+        if c and "tie_word_embeddings" in c
+    }
+    if len(set(known.values())) > 1:
+        shown = ", ".join(f"{label}: {t}" for label, t in known.items())
+        raise MergeError(f"the models disagree on tied embeddings (tie_word_embeddings: {shown})")
+    return next(iter(known.values())) if known else None
