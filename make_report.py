@@ -13,16 +13,26 @@ Reads any mix of files and folders (searched recursively for ``*.json``) written
 * ``plots/drop_rate_{dataset}.png`` (accuracy against drop rate, the paper's Figure 1a) and
   ``plots/merge_matrix.png``.
 
+A file that cannot be used (not UTF-8, not JSON, a metric that is null, a list, a string or not finite, a
+malformed quickstart record...) is skipped with one ``warning:`` line on stderr and listed in ``report.json``;
+the report is made from the rest. ``--output_dir`` must not be or contain an input; it may lie inside an input
+folder (``runs --output_dir runs/report``): files under it are not read as inputs, and an existing
+``report.json`` there is only replaced when it is a report of this script.
+
     python make_report.py save_model_results save_llm_results quickstart_runs/results.json --output_dir report
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+from model_merging_methods.paths import relation
 from utils.cli import UserError, run_main
 
 
@@ -36,27 +46,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "x"
+    return re.sub(r"[^\w.\-]+", "_", name).strip("_")[:100] or "x"
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"inputs", "tables", "records", "skipped"} <= set(data)
+
+
+def check_output_dir(inputs: list[str], output_dir: str | Path) -> None:
+    """Before anything is read: ``--output_dir`` must not be or contain an input (symlinks and ``..`` resolved),
+    must be (or become) a folder, and an existing ``report.json`` in it must be one of this script's."""
+    out = Path(output_dir)
+    for inp in inputs:
+        rel = relation(out, inp)
+        if rel in ("is", "contains"):
+            raise UserError(
+                f"--output_dir {out} {rel} the input {inp}; choose an output folder outside the inputs"
+            )
+    for q in (out, *out.absolute().parents):
+        if q.exists():
+            if not q.is_dir():
+                raise UserError(f"--output_dir {out}: {q} is not a folder")
+            break
+    report = out / "report.json"
+    if (report.exists() or report.is_symlink()) and (report.is_symlink() or not _is_report(report)):
+        raise UserError(f"{report} exists and is not a report of make_report.py; refusing to replace it")
 
 
 def make_report(
     inputs: list[str], output_dir: str | Path, plots: bool = True, quiet: bool = False
 ) -> dict[str, Any]:
-    from utils.results_io import markdown_table, round_floats, write_json, write_table
     from utils.results_report import (
         collect_records,
         dare_table,
-        drop_rate_plot_data,
         keeps_fraction_up_to,
         merge_table,
         records_table,
         retention_table,
     )
 
+    check_output_dir(inputs, output_dir)
     try:
-        records, skipped = collect_records(inputs)
+        records, skipped = collect_records(inputs, exclude=[output_dir])
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from exc
+    for f, r in skipped:
+        print(f"warning: skipped {f}: {r}", file=sys.stderr)
     if not records:
         reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5])
         raise UserError(
@@ -75,6 +114,29 @@ def make_report(
     merge_rows, merge_cols = merge_table(records, references=refs)
     if any(r.get("kind") == "merge" for r in records):
         tables["merges"] = merge_rows
+    created = not out.exists()
+    try:
+        return _write_outputs(out, tables, merge_rows, merge_cols, records, inputs, skipped, plots, quiet)
+    except OSError as exc:  # no space, read-only, permission...: every file is written atomically
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # this run made the folder: remove it again
+        raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from exc
+
+
+def _write_outputs(
+    out: Path,
+    tables: dict[str, list[dict[str, Any]]],
+    merge_rows: list[dict[str, Any]],
+    merge_cols: list[str],
+    records: list[dict[str, Any]],
+    inputs: list[str],
+    skipped: list[tuple[str, str]],
+    plots: bool,
+    quiet: bool,
+) -> dict[str, Any]:
+    from utils.results_io import markdown_table, round_floats, write_json, write_table
+    from utils.results_report import drop_rate_plot_data, printable
+
     for name, rows in tables.items():
         write_table(round_floats(rows, 4), out / f"{name}.csv", out / f"{name}.md")
 
@@ -112,7 +174,7 @@ def make_report(
                 )
             )
     report = {
-        "inputs": inputs,
+        "inputs": [printable(str(p)) for p in inputs],
         "tables": {k: v for k, v in tables.items() if k != "records"},
         "records": tables["records"],
         "skipped": [{"file": f, "reason": r} for f, r in skipped],
@@ -126,7 +188,7 @@ def make_report(
         print(f"{len(records)} result(s) from {len(inputs)} input(s); {len(skipped)} file(s) skipped")
         for f, r in skipped[:10]:
             print(f"  skipped {f}: {r}")
-        print(f"tables and plots in {out}")
+        print(f"tables and plots in {printable(str(out))}")
     return report
 
 

@@ -231,9 +231,8 @@ def test_code_fences_differ_between_human_eval_and_mbpp():
     # HumanEval cuts at the next ``` anywhere, MBPP only at "\n```"
     assert ev.postprocess_code_completion(text, "human_eval") == "def f():\n    return '"
     assert ev.postprocess_code_completion(text, "mbpp") == "def f():\n    return '```'"
-    assert (
-        ev.postprocess_code_completion("```python\ndef g(): pass", "mbpp") == "def g(): pass"
-    )  # no closing fence
+    # no closing fence: the original does not strip (corrected spec §6.7), so the newline after the fence stays
+    assert ev.postprocess_code_completion("```python\ndef g(): pass", "mbpp") == "\ndef g(): pass"
 
 
 def test_code_cut_markers():

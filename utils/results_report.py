@@ -24,6 +24,8 @@ Files that are none of these are skipped with a reason.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -160,6 +162,27 @@ def _read(path: Path) -> Any:
         return json.load(f)
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool, string, list, null, NaN or infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float | int):
+        return f"the number {value!r}" if _number(value) is not None else f"{value!r} (not a finite number)"
+    return {list: "a list", dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
+
+
 def _dare_or_model_record(
     name: str, model: str, dataset: str, metric: str, value: float, path: Path
 ) -> list[dict[str, Any]]:
@@ -209,7 +232,9 @@ def _glue_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     key = f"eval_{metric}"
     if key not in data:
         return []
-    value = float(data[key])
+    value = _number(data[key])
+    if value is None:
+        raise _BadMetric(f"metric {key} is {_describe(data[key])}, not a number")
     comps = [c for c in parts[:-1] if c not in (".",)]
     label = merge_label(comps) if pair else None
     if pair and label:
@@ -240,14 +265,15 @@ def llm_metric(dataset: str, data: dict[str, Any]) -> tuple[str, float] | None:
         "alpaca_eval": ("win_rate", "length_controlled_winrate"),
     }.get(dataset, ("accuracy",))
     for k in candidates:
-        if isinstance(data.get(k), int | float):
-            return k, float(data[k])
+        value = _number(data.get(k))
+        if value is not None:
+            return k, value
     return None
 
 
 def _llm_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     dataset = data.get("dataset")
-    if dataset not in LLM_DATASETS:
+    if not isinstance(dataset, str) or dataset not in LLM_DATASETS:
         return []
     mv = llm_metric(dataset, data)
     if mv is None:
@@ -272,36 +298,106 @@ def _llm_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     return _dare_or_model_record(comps[-1], save_name, dataset, metric, value, path)
 
 
+class _BadMetric(ValueError):
+    """A results file whose metric has the wrong type (null, a list, a string, NaN...)."""
+
+
+_RECORD_TEXT = ("model", "dataset", "metric")
+
+
+def _check_quickstart_record(i: int, r: Any) -> dict[str, Any]:
+    """A quickstart record with the fields the tables use, of the right types; else :class:`_BadMetric`."""
+    if not isinstance(r, dict):
+        raise _BadMetric(f"record {i} is {_describe(r)}, not an object")
+    if r.get("kind") not in ("dare", "merge", "model"):
+        raise _BadMetric(f"record {i} has kind {str(r.get('kind'))[:40]!r} (expected dare, merge or model)")
+    for k in _RECORD_TEXT:
+        if not isinstance(r.get(k), str):
+            raise _BadMetric(f"record {i} field {k} is {_describe(r.get(k))}, not text")
+    value = _number(r.get("value"))
+    if value is None:
+        raise _BadMetric(f"record {i} value is {_describe(r.get('value'))}, not a number")
+    out = dict(r, value=value)
+    if r["kind"] == "dare":
+        rate = _number(r.get("drop_rate"))
+        if rate is None or not 0.0 <= rate <= 1.0:
+            raise _BadMetric(f"record {i} drop_rate is {_describe(r.get('drop_rate'))}, not a rate in [0, 1]")
+        if not isinstance(r.get("variant"), str):
+            raise _BadMetric(f"record {i} field variant is {_describe(r.get('variant'))}, not text")
+        out["drop_rate"] = rate
+    if r["kind"] == "merge" and not isinstance(r.get("method", ""), str):
+        raise _BadMetric(f"record {i} field method is {_describe(r.get('method'))}, not text")
+    return out
+
+
 def records_from_file(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
-    """(records, None) for a results file this module understands, else ([], reason)."""
+    """(records, None) for a results file this module understands, else ([], reason). Never raises for a bad
+    file: unreadable, not UTF-8, not JSON, or a metric that is null, a list, a string or not finite are reasons."""
     path = Path(path)
     try:
         data = _read(path)
-    except (OSError, json.JSONDecodeError) as exc:
-        return [], f"not readable JSON ({exc})"
+    except UnicodeDecodeError as exc:
+        return [], f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except OSError as exc:
+        return [], f"not readable ({exc.strerror or exc})"
+    except (ValueError, RecursionError) as exc:
+        return [], f"not valid JSON ({str(exc)[:200]})"
     if not isinstance(data, dict):
         return [], "not a JSON object"
-    if data.get("schema") == QUICKSTART_SCHEMA:
-        return [dict(r, source=str(path)) for r in data.get("records", [])], None
-    if any(k.startswith("eval_") for k in data):
-        recs = _glue_records(path, data)
-        return (recs, None) if recs else ([], "GLUE-like metrics but no GLUE task in the path")
-    if "dataset" in data:
-        recs = _llm_records(path, data)
-        return (recs, None) if recs else ([], f"no scored metric for dataset {data.get('dataset')!r}")
+    try:
+        if data.get("schema") == QUICKSTART_SCHEMA:
+            recs = data.get("records", [])
+            if not isinstance(recs, list):
+                return [], f"records is {_describe(recs)}, not a list"
+            return [dict(_check_quickstart_record(i, r), source=str(path)) for i, r in enumerate(recs)], None
+        if any(isinstance(k, str) and k.startswith("eval_") for k in data):
+            recs = _glue_records(path, data)
+            return (recs, None) if recs else ([], "GLUE-like metrics but no GLUE task in the path")
+        if "dataset" in data:
+            recs = _llm_records(path, data)
+            if recs:
+                return recs, None
+            return [], _no_llm_metric_reason(data)
+    except _BadMetric as exc:
+        return [], str(exc)
     return [], "unknown results format"
 
 
-def collect_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+def _no_llm_metric_reason(data: dict[str, Any]) -> str:
+    dataset = data.get("dataset")
+    if not isinstance(dataset, str):
+        return f"dataset is {_describe(dataset)}, not a dataset name"
+    bad = [
+        f"{k} is {_describe(data[k])}"
+        for k in ("accuracy", "accuracy_original", "accuracy_math_verify", "pass@1", "win_rate")
+        if k in data and data[k] is not None and _number(data[k]) is None
+    ]
+    if bad:
+        return f"no usable metric for dataset {dataset!r}: {', '.join(bad)}"
+    return f"no scored metric for dataset {dataset[:80]!r}"
+
+
+def collect_records(
+    paths: Iterable[str | Path], exclude: Iterable[str | Path] = ()
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Records of every ``*.json`` under the given files/folders, and the (file, reason) pairs that were skipped.
-    Files ending in ``manifest.json``, ``generation_config.json`` or ``config.json`` are ignored silently."""
+    Files ending in ``manifest.json``, ``generation_config.json`` or ``config.json`` are ignored silently, and so
+    is everything under the folders in ``exclude`` (e.g. the report's own output folder)."""
+    excluded = [Path(os.path.realpath(e)) for e in exclude]
+
+    def is_excluded(q: Path) -> bool:
+        real = Path(os.path.realpath(q))
+        return any(real == e or e in real.parents for e in excluded)
+
     files: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*.json") if q.is_file())
+            files += sorted(q for q in p.rglob("*.json") if q.is_file() and not is_excluded(q))
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise FileNotFoundError(f"not a regular file or folder: {p}")
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
     ignore = (
@@ -312,6 +408,9 @@ def collect_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], 
         "stats.json",
         "trainer_state.json",
         "toy_family_stage.json",
+        ".dare_toolkit_output.json",  # model_merging_methods.paths.OWNER_MARKER
+        "alpaca_eval_outputs.json",  # the LLM harness files (utils.llm_evaluation.HARNESS_FILES)
+        "mbpp_bigcode_generations.json",
     )
     records, skipped = [], []
     for f in files:
@@ -319,9 +418,20 @@ def collect_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], 
             continue
         recs, reason = records_from_file(f)
         if reason is not None:
-            skipped.append((str(f), reason))
-        records += recs
+            skipped.append((printable(str(f)), printable(reason)))
+        records += [{k: printable(v) if isinstance(v, str) else v for k, v in r.items()} for r in recs]
     return records, skipped
+
+
+def printable(text: str) -> str:
+    """``text`` unchanged when it can be written as UTF-8; else with its lone surrogates (a ``\\ud800`` escape in
+    a JSON file, a file name that is not UTF-8) written as ``\\udcXX`` escapes, so tables, plots and messages
+    can always be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
