@@ -122,3 +122,14 @@ def test_errors():
         merge_state_dicts(NAME, pre, models, scaling_coefficient=1.0)
     with pytest.raises(MergeError, match="pretrained"):
         merge_state_dicts(NAME, None, models)
+
+
+def test_ratio_does_not_depend_on_the_scale_of_the_task_vectors():
+    """Tiny task vectors (norm products far below mergekit's 1e-6 clamp) keep their true cosine."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(300, generator=g)
+    shared = torch.randn(300, generator=g)
+    taus = [shared + torch.randn(300, generator=g) for _ in range(3)]
+    _, t = model_stock_tensor(base, [base + tau for tau in taus])
+    _, t_tiny = model_stock_tensor(torch.zeros(300), [1e-6 * tau for tau in taus])
+    assert 0.5 < t < 1 and t_tiny == pytest.approx(t, rel=1e-5)

@@ -7,15 +7,16 @@ is what mergekit gives it); t = k·cos φ / (1 + (k − 1)·cos φ), and t = 0 (
 |1 + (k − 1)·cos φ| < 1e-6, as mergekit does; θ = t·mean(θ_i) + (1 − t)·θ_pre. Identical models (cos φ = 1) give
 t = 1, their average; all-zero task vectors give t = 0, θ_pre. No hyper-parameters.
 
-Arithmetic: dot products and norms in float32 (float64 stays float64), t in double precision. Differences from
-mergekit's ``model_stock`` (per tensor, ``filter_wise: false``): mergekit needs three models or more (base + 2),
-divides by max(‖τ_i‖‖τ_j‖, 1e-6) (so a pair whose norm product is below 1e-6 gets a cosine scaled towards 0, not
-the true one), and computes t in float32; its per-row variant (``filter_wise``) is not offered here.
+Arithmetic: as mergekit 0.1.5's ``model_stock`` (per tensor, ``filter_wise: false``) step by step, in float32 (float64
+stays float64): each cosine (τ_i·τ_j).sum() / (‖τ_i‖‖τ_j‖), their mean, t and 1 − t as float32 scalars, the average
+summed in model order, so our bytes equal mergekit's. The one deliberate difference: mergekit divides by
+max(‖τ_i‖‖τ_j‖, 1e-6), so a pair whose norm product is below 1e-6 (e.g. a barely changed norm vector) gets a cosine
+shrunk towards 0 and t towards 0; ours uses the true cosine down to a product of 0. mergekit also needs three models
+or more (base + 2); its per-row variant (``filter_wise``) is not offered here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,23 +27,25 @@ from model_merging_methods.registry import MergeMethod, TensorContext, register
 SINGULAR = 1e-6  # |1 + (k − 1) cos φ| below this: t = 0
 
 
-def mean_pairwise_cosine(taus: Sequence[torch.Tensor]) -> float:
-    """The mean over pairs i < j of the clamped cosine of the flattened ``taus`` (0 for a pair with a zero vector)."""
+def mean_pairwise_cosine(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean over pairs i < j of the clamped cosine of the flattened ``taus``, a 0-D tensor in their dtype (0 for
+    a pair with a zero vector)."""
     flat = [t.reshape(-1) for t in taus]
-    norms = [float(torch.linalg.vector_norm(t)) for t in flat]
+    norms = [torch.norm(t, dim=-1) for t in flat]
     cosines = []
     for i in range(len(flat)):
         for j in range(i + 1, len(flat)):
             product = norms[i] * norms[j]
-            c = float(torch.dot(flat[i], flat[j])) / product if product > 0.0 else 0.0
-            cosines.append(min(1.0, max(-1.0, c)))
-    return sum(cosines) / len(cosines)
+            c = (flat[i] * flat[j]).sum(dim=-1) / torch.where(product > 0, product, 1.0)
+            cosines.append(torch.where(product > 0, c, 0.0).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0)
 
 
-def interpolation_ratio(cos_phi: float, k: int) -> float:
-    """t = k cos φ / (1 + (k − 1) cos φ); 0 where the denominator (nearly) vanishes."""
-    denominator = 1.0 + (k - 1) * cos_phi
-    return 0.0 if abs(denominator) < SINGULAR or math.isnan(denominator) else k * cos_phi / denominator
+def interpolation_ratio(cos_phi: torch.Tensor, k: int) -> torch.Tensor:
+    """t = k cos φ / (1 + (k − 1) cos φ) (0-D, cos φ's dtype); 0 where the denominator (nearly) vanishes."""
+    denominator = 1 + (k - 1) * cos_phi
+    singular = denominator.abs() < SINGULAR
+    return torch.where(singular, 0.0, (k * cos_phi) / torch.where(singular, 1.0, denominator))
 
 
 def model_stock_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -53,7 +56,7 @@ def model_stock_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> t
     for x in tensors[1:]:
         average += x
     average /= k
-    return t * average + (1.0 - t) * base, t
+    return t * average + (1 - t) * base, float(t)
 
 
 def _kernel(
