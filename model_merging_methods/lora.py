@@ -790,7 +790,9 @@ class LoraAdapterWriter:
     (:meth:`write`) or as consecutive parts (:meth:`write_at`, any thread, each tensor's parts in order). A LoRA
     module's tensor is buffered until complete and factorised at once (memory: one tensor per tensor in flight plus
     the SVD's work space); every other tensor is compared with the base as it arrives and spilled to a temporary file
-    in ``out_dir``, from which :meth:`close` copies the changed modules (``modules_to_save``). Give float32 specs
+    in ``out_dir``, from which :meth:`close` copies the changed modules (``modules_to_save``). A ``deferred`` writer
+    spills every tensor (any order, :meth:`read_at` / :meth:`overwrite_at` allowed, as the streamed TIES needs) and
+    factorises in :meth:`close`, one tensor at a time (disk: one model's size, temporarily). Give float32 specs
     for the most accurate factors.
 
     ``rank``: the LoRA rank (each module gets min(rank, out, in)); ``svd``: ``full`` (exact truncated SVD),
@@ -813,6 +815,7 @@ class LoraAdapterWriter:
         adapter_dtype: torch.dtype = torch.float32,
         base_model_name_or_path: str | None = None,
         kinds: dict[str, str] | None = None,
+        deferred: bool = False,
     ):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise MergeError(f"lora_rank must be a positive integer, got {rank!r}")
@@ -859,7 +862,8 @@ class LoraAdapterWriter:
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A, B)
         self.report: dict[str, dict[str, Any]] = {}
         self.unchanged: set[str] = set()
-        spill = [(n, d, s) for n, (d, s) in self.specs.items() if n not in self.targets]
+        self.deferred = bool(deferred)
+        spill = [(n, d, s) for n, (d, s) in self.specs.items() if self.deferred or n not in self.targets]
         self._spill_dir = self.out_dir / ".lora_spill.tmp"
         self._spill = (
             ShardedSafetensorsWriter(self._spill_dir, spill, max_shard_size=1 << 62) if spill else None
@@ -875,8 +879,8 @@ class LoraAdapterWriter:
         self.write_at(name, 0, tensor)
 
     def write_at(self, name: str, byte_offset: int, part: torch.Tensor) -> None:
-        """Receive ``part`` (row-major elements of ``name`` in its planned dtype) at ``byte_offset``; a tensor's
-        parts must come in order (the streaming executor writes them so)."""
+        """Receive ``part`` (row-major elements of ``name`` in its planned dtype) at ``byte_offset``. Unless the
+        writer is ``deferred``, a tensor's parts must come in order (the streaming executor writes them so)."""
         if name not in self.specs:
             raise ValueError(f"tensor {name} is not in the writer's plan")
         dtype, shape = self.specs[name]
@@ -884,6 +888,17 @@ class LoraAdapterWriter:
             raise ValueError(f"tensor {name}: part has dtype {part.dtype}, planned {dtype}")
         item = part.element_size()
         total = math.prod(shape) * item
+        n = part.numel()
+        if byte_offset < 0 or byte_offset + n * item > total:
+            raise ValueError(f"tensor {name}: more data than its planned shape")
+        flat = part.detach().reshape(-1)
+        if self.deferred:  # everything goes to the spill file; factorised and compared in close()
+            self._spill.write_at(name, byte_offset, flat)
+            with self._lock:
+                pend = self._pending.setdefault(name, _Pending(None))
+                pend.done += n * item
+                self.bytes_written += n * item
+            return
         with self._lock:
             pend = self._pending.get(name)
             if pend is None:
@@ -893,21 +908,11 @@ class LoraAdapterWriter:
             raise ValueError(
                 f"tensor {name}: parts must arrive in order (got offset {byte_offset}, expected {pend.done})"
             )
-        n = part.numel()
         start = byte_offset // item
-        if byte_offset + n * item > total:
-            raise ValueError(f"tensor {name}: more data than its planned shape")
-        flat = part.detach().reshape(-1)
         if pend.buffer is not None:
             pend.buffer.view(-1)[start : start + n] = flat
         else:
-            base = self.base.read_flat_slice(name, start, n)
-            if not pend.changed and not torch.equal(base.to(dtype), flat):
-                if not dtype.is_floating_point:
-                    raise MergeError(
-                        f"tensor {name} ({torch_dtype_name(dtype)}) differs from the base model; a LoRA adapter can "
-                        "only change float tensors"
-                    )
+            if not pend.changed and self._differs(name, start, flat):
                 pend.changed = True
             self._spill.write_at(name, byte_offset, flat)
         pend.done += n * item
@@ -916,10 +921,30 @@ class LoraAdapterWriter:
             if pend.buffer is not None:
                 self._factorise(name, pend.buffer)
             with self._lock:
-                if pend.buffer is None:
-                    self._pending[name] = _Pending(None, total, pend.changed)
-                else:
-                    self._pending[name] = _Pending(None, total, True)
+                self._pending[name] = _Pending(None, total, pend.changed or pend.buffer is not None)
+
+    def _differs(self, name: str, start: int, flat: torch.Tensor) -> bool:
+        base = self.base.read_flat_slice(name, start, flat.numel())
+        if torch.equal(base.to(flat.dtype), flat):
+            return False
+        if not flat.dtype.is_floating_point:
+            raise MergeError(
+                f"tensor {name} ({torch_dtype_name(flat.dtype)}) differs from the base model; a LoRA adapter can "
+                "only change float tensors"
+            )
+        return True
+
+    def read_at(self, name: str, byte_offset: int, nbytes: int) -> bytearray:
+        """Read back bytes written so far (``deferred`` writers only: the streaming TIES patches its results)."""
+        if not self.deferred:
+            raise ValueError("read_at needs a deferred LoraAdapterWriter")
+        return self._spill.read_at(name, byte_offset, nbytes)
+
+    def overwrite_at(self, name: str, byte_offset: int, part: torch.Tensor) -> None:
+        """Replace bytes already written (``deferred`` writers only)."""
+        if not self.deferred:
+            raise ValueError("overwrite_at needs a deferred LoraAdapterWriter")
+        self._spill.overwrite_at(name, byte_offset, part)
 
     # -- factorising --------------------------------------------------------------------------------------------
     def _factorise(self, name: str, theta: torch.Tensor) -> None:
@@ -991,11 +1016,27 @@ class LoraAdapterWriter:
             self._spill.close()
             self._spilled = CheckpointReader(self._spill_dir, "spilled tensors")
         try:
+            if self.deferred:
+                self._finish_deferred()
             return self._finish()
         finally:
             if self._spilled is not None:
                 self._spilled.close()
             shutil.rmtree(self._spill_dir, ignore_errors=True)
+
+    def _finish_deferred(self) -> None:
+        """Factorise the spilled LoRA modules and find the changed other tensors (one tensor in memory at a time)."""
+        for name in self.specs:
+            if name in self.targets:
+                self._factorise(name, self._spilled.read(name))
+                self._pending[name].changed = True
+                continue
+            numel = math.prod(self.specs[name][1])
+            for start in range(0, numel, ROW_BLOCK_ELEMENTS):
+                part = self._spilled.read_flat_slice(name, start, min(ROW_BLOCK_ELEMENTS, numel - start))
+                if self._differs(name, start, part):
+                    self._pending[name].changed = True
+                    break
 
     def _done_bytes(self, name: str) -> int:
         pend = self._pending.get(name)
@@ -1003,9 +1044,7 @@ class LoraAdapterWriter:
 
     def _finish(self) -> dict[str, Any]:
         peft = _peft()
-        changed = {
-            n for n, p in self._pending.items() if p.buffer is None and p.changed and n not in self.targets
-        }
+        changed = {n for n, p in self._pending.items() if p.changed and n not in self.targets}
         target_modules = set(self.factors)
         base_bias: list[str] = []
         save_modules: set[str] = set()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,7 @@ class UnionVocab:
     ]  # per model: int64 [size], the model's row of each union row, -1 where absent
     added: list[dict[str, Any]] = field(default_factory=list)  # tokens the base lacks: union id, models, ids
     tokenizer: Any = None  # the union tokenizer (transformers fast tokenizer)
+    _dtypes: dict[int, torch.dtype] = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -125,6 +126,80 @@ class UnionVocab:
         ids = self.row_maps[m][start:end]
         present = ids >= 0
         return torch.where(present, ids, torch.zeros_like(ids)), present
+
+    def aligned_rows(
+        self,
+        r0: int,
+        r1: int,
+        read_rows: Callable[[int, int, int], torch.Tensor],
+        mean_row: Callable[[int], torch.Tensor],
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Every model's rows for union rows [r0, r1), and the rows whose merged value is fixed.
+
+        ``read_rows(m, a, b)`` gives model m's stored rows [a, b) (its dtype); ``mean_row(m)`` the mean of model m's
+        rows. Returns (blocks, fixed): ``blocks[m]`` is [r1 - r0, ...] in model m's dtype, where a shared row a model
+        lacks is the base's row (δ = 0) and a new or padding row is the fixed value for every model (so every
+        method sees δ = 0 there); ``fixed`` is None or (mask, values): the rows to set after merging, in float32 —
+        a new token's row is the mean of the rows of the models that have it (exactly the row of a single owner),
+        a padding row the mean of the base's rows."""
+        models = range(len(self.row_maps))
+        pieces: list[list[torch.Tensor]] = [[] for _ in models]
+        fixed_mask, fixed_vals = [], []
+        for a, b, kind in self.row_kinds():
+            a, b = max(a, r0), min(b, r1)
+            if a >= b:
+                continue
+            if kind == ROW_SHARED:
+                base = read_rows(0, a, b)
+                for m in models:
+                    pieces[m].append(base if m == 0 else self._gather(m, a, b, read_rows, base))
+                fixed_mask.append(torch.zeros(b - a, dtype=torch.bool))
+                fixed_vals.append(torch.zeros(b - a, *base.shape[1:], dtype=torch.float32))
+                continue
+            if kind == ROW_NEW:
+                total, count = None, torch.zeros(b - a, dtype=torch.float32)
+                for m in models:
+                    ids = self.row_maps[m][a:b]
+                    have = ids >= 0
+                    if not bool(have.any()):
+                        continue
+                    rows = self._gather(m, a, b, read_rows, None).to(torch.float32)
+                    rows = rows * have.reshape(-1, *([1] * (rows.dim() - 1)))
+                    total = rows if total is None else total + rows
+                    count += have.to(torch.float32)
+                values = total / count.reshape(-1, *([1] * (total.dim() - 1)))
+            else:
+                row = mean_row(0).to(torch.float32)
+                values = row.unsqueeze(0).expand(b - a, *row.shape).clone()
+            fixed_mask.append(torch.ones(b - a, dtype=torch.bool))
+            fixed_vals.append(values)
+            for m in models:
+                pieces[m].append(values.to(self._dtype(m, read_rows)))
+        blocks = [p[0] if len(p) == 1 else torch.cat(p, 0) for p in pieces]
+        mask = torch.cat(fixed_mask)
+        return blocks, ((mask, torch.cat(fixed_vals, 0)) if bool(mask.any()) else None)
+
+    def _dtype(self, m: int, read_rows) -> torch.dtype:
+        if m not in self._dtypes:
+            self._dtypes[m] = read_rows(m, 0, 0).dtype
+        return self._dtypes[m]
+
+    def _gather(self, m: int, a: int, b: int, read_rows, fill: torch.Tensor | None) -> torch.Tensor:
+        """Model m's rows for union rows [a, b) (read as one span of its rows); absent rows from ``fill`` (or any
+        stored row, to be masked by the caller, when ``fill`` is None)."""
+        ids = self.row_maps[m][a:b]
+        have = ids >= 0
+        if not bool(have.any()):
+            if fill is not None:
+                return fill.to(self._dtype(m, read_rows))
+            one = read_rows(m, 0, 1)
+            return one.expand(b - a, *one.shape[1:])
+        lo, hi = int(ids[have].min()), int(ids[have].max()) + 1
+        span = read_rows(m, lo, hi)
+        rows = span[torch.where(have, ids - lo, torch.zeros_like(ids))]
+        if fill is not None and not bool(have.all()):
+            rows[~have] = fill[~have].to(rows.dtype)
+        return rows
 
     def save(self, out_dir: str | os.PathLike) -> list[str]:
         """Save the union tokenizer into ``out_dir`` (``save_pretrained``); returns the files written."""

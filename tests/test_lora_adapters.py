@@ -281,6 +281,28 @@ def test_written_adapter_loads_in_peft_and_is_exact_at_full_rank(base, tmp_path)
         assert max(max_abs_diff(r.read(k), want[k]) for k in want) <= 1e-6
 
 
+def test_deferred_writer_gives_the_same_adapter(base, tmp_path):
+    """Spilling everything, overwriting parts, factorising in close(): the same files as the immediate writer."""
+    ft = _perturbed_model(base, tmp_path / "ft")
+    immediate = _write_adapter(base, ft, tmp_path / "a", 5, svd="full")
+    with CheckpointReader(base) as b, CheckpointReader(ft) as f:
+        specs = [(n, torch.float32, b.infos[n].shape) for n in b.names()]
+        writer = LoraAdapterWriter(tmp_path / "b", specs, b, 5, svd="full", deferred=True)
+        for name in reversed(b.names()):  # any order; first a wrong value, then overwritten
+            x = f.read(name).float().reshape(-1)
+            writer.write_at(name, 0, torch.zeros_like(x))
+            writer.overwrite_at(name, 0, x)
+            assert torch.equal(
+                torch.frombuffer(writer.read_at(name, 0, x.numel() * 4), dtype=torch.float32), x
+            )
+        deferred = writer.close()
+    assert deferred["modules"] == immediate["modules"]
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "b" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert not (tmp_path / "b" / ".lora_spill.tmp").exists()
+
+
 def test_truncated_rank_error_is_eckart_young(base, tmp_path):
     ft = _perturbed_model(base, tmp_path / "ft", skip=("embed", "norm", "bias"))
     report = _write_adapter(base, ft, tmp_path / "ad", 3, svd="full")

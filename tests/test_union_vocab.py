@@ -137,3 +137,55 @@ def test_row_maps_gather_rows(toks):
     gathered = code_embed[rows]
     assert present.all()
     assert torch.equal(gathered[100], code_embed[101]) and torch.equal(gathered[101], code_embed[100])
+
+
+def test_aligned_rows_semantics(toks):
+    """Shared rows come from each model (base row where a model lacks one), a token one model added keeps that
+    model's row exactly, a token two models added gets their mean, padding rows the base's mean row."""
+    u = build_union_vocab(
+        [toks["base"], toks["math"], toks["code"]], ["base", "math", "code"], pad_to_multiple_of=104
+    )
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.randn(n, 3, generator=g) for n in (100, 101, 102)]
+    tables[2] = tables[2].to(torch.bfloat16)
+
+    def read_rows(m, a, b):
+        return tables[m][a:b].clone()
+
+    def mean_row(m):
+        return tables[m].float().mean(0)
+
+    blocks, fixed = u.aligned_rows(0, u.size, read_rows, mean_row)
+    assert [b.shape for b in blocks] == [(104, 3)] * 3 and blocks[2].dtype == torch.bfloat16
+    for m in range(3):
+        assert torch.equal(blocks[m][:100], tables[m][:100])
+    mask, values = fixed
+    assert mask.tolist() == [False] * 100 + [True] * 4
+    math_row = (tables[1][100].float() + tables[2][101].float()) / 2  # <|math|>: math id 100, code id 101
+    assert torch.equal(values[100], math_row)
+    assert torch.equal(values[101], tables[2][100].float())  # <|code|>: only code has it, kept exactly
+    assert torch.equal(values[102], mean_row(0)) and torch.equal(values[103], mean_row(0))
+    for m in range(3):  # every model sees the fixed rows (δ = 0 there)
+        assert torch.equal(blocks[m][100:].float(), values[100:].to(blocks[m].dtype).float())
+    # any block boundary gives the same rows
+    for r0, r1 in ((0, 50), (50, 101), (101, 104), (99, 103)):
+        part, part_fixed = u.aligned_rows(r0, r1, read_rows, mean_row)
+        for m in range(3):
+            assert torch.equal(part[m], blocks[m][r0:r1])
+        if part_fixed is not None:
+            assert torch.equal(part_fixed[0], mask[r0:r1])
+            assert torch.equal(part_fixed[1][part_fixed[0]], values[r0:r1][mask[r0:r1]])
+        else:
+            assert not mask[r0:r1].any()
+
+
+def test_model_lacking_base_tokens_contributes_the_base_row(toks, tmp_path):
+    from utils.tiny_models import DEFAULT_ALPHABET
+
+    short = _tokenizer(tmp_path / "short", alphabet=DEFAULT_ALPHABET[:-1])  # no '\t' (base id 99)
+    u = build_union_vocab([toks["base"], short], ["base", "short"])
+    assert u.row_maps[1][99] == -1 and u.manifest()["models_missing_base_tokens"] == {"short": 1}
+    tables = [torch.randn(100, 2), torch.randn(99, 2)]
+    blocks, fixed = u.aligned_rows(90, 100, lambda m, a, b: tables[m][a:b], lambda m: tables[m].mean(0))
+    assert fixed is None
+    assert torch.equal(blocks[1][:9], tables[1][90:99]) and torch.equal(blocks[1][9], tables[0][99])
