@@ -152,6 +152,21 @@ def _hostile_programs(victims: list[Path], marker: int, os_level: bool) -> dict[
                 "assert caps['CapEff'] == caps['CapPrm'] == caps['CapBnd'] == caps['CapAmb'] == 0, caps\n"
                 f"assert os.getuid() != 0 or {os.geteuid() != 0}\n"
             ),
+            # a user namespace of its own would give it capabilities there (and the kernel's namespace code)
+            "own_user_namespace": (
+                "import sys\n"
+                "sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != 'Blocker']\n"
+                "for m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\n"
+                "import ctypes\n"
+                "libc = ctypes.CDLL(None, use_errno=True)\n"
+                "assert libc.unshare(0x10000000) == -1 and ctypes.get_errno() == 1, ctypes.get_errno()\n"
+                "assert 'Seccomp:\\t2' in open('/proc/self/status').read()\n"
+            ),
+            "threads_still_work": (
+                "import threading\nout = []\n"
+                "ts = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
+                "[t.start() for t in ts]\n[t.join() for t in ts]\nassert sorted(out) == [0, 1, 2, 3]\n"
+            ),
             "fills_its_folder": "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\n",
         }
     return progs
@@ -349,6 +364,12 @@ def test_the_program_sees_only_its_own_processes_and_folder(hostile_run):
 def test_the_program_has_no_privileges_and_is_not_root(hostile_run):
     r = _bwrap_only(hostile_run)["no_privileges"]
     assert r.passed, r.status
+
+
+def test_no_user_namespace_of_its_own(hostile_run):
+    res = _bwrap_only(hostile_run)
+    assert res["own_user_namespace"].passed, res["own_user_namespace"].status
+    assert res["threads_still_work"].passed, res["threads_still_work"].status
 
 
 def test_the_working_directory_is_size_capped(hostile_run):

@@ -11,7 +11,8 @@ Two layers protect the machine (details and measurements: ``docs/sandbox.md``):
    ends or times out, killing that pid 1 makes the kernel kill every process the program left behind, ``setsid``
    or double-forked ones included) and a new mount and IPC namespace, gets a
    **fresh tmpfs** as its working directory (size- and inode-capped; nothing else is writable), its own
-   ``/proc``, and drops every capability. When the toolkit runs as root the child also becomes a **real
+   ``/proc``, drops every capability and may not create user namespaces (a seccomp filter). When the toolkit runs
+   as root the child also becomes a **real
    unprivileged uid** (one per worker slot), so that ``RLIMIT_NPROC`` caps its processes (the kernel ignores
    that limit for root); the interpreter stays executable for that uid because any folder on its path that
    others may not enter (e.g. ``/root`` with ``/root/.pyenv``) is replaced by an empty tmpfs into which only the
@@ -541,6 +542,10 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
 _PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_SET_CHILD_SUBREAPER, _PR_CAP_AMBIENT = 24, 28, 36, 47
 _SECBITS_LOCKED_NOROOT = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80  # no root magic, no keep-caps...
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _PR_SET_NO_NEW_PRIVS = 22, 2, 38
+_CLONE_NEWUSER = 0x10000000
+# machine -> (AUDIT_ARCH_*, clone, unshare, clone3): the system calls the seccomp filter looks at
+_SECCOMP_SYSCALLS = {"x86_64": (0xC000003E, 56, 272, 435), "aarch64": (0xC00000B7, 220, 97, 435)}
 
 
 class _Kernel:
@@ -592,6 +597,56 @@ class _Kernel:
         for cap in range(last + 1):
             self.libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
         self.libc.prctl(_PR_CAP_AMBIENT, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+
+    def forbid_user_namespaces(self) -> bool:
+        """A seccomp filter (as Flatpak's): ``clone``/``unshare`` with ``CLONE_NEWUSER`` fail with EPERM,
+        ``clone3`` with ENOSYS (glibc then uses ``clone``), system calls of another ABI (i386, x32) with ENOSYS.
+        A user namespace of its own would give the program capabilities there, and the kernel's namespace code
+        as attack surface. ``False`` on machines whose system call numbers are not known here."""
+        ctypes = self.ctypes
+        known = _SECCOMP_SYSCALLS.get(os.uname().machine)
+        if known is None:
+            return False
+        audit_arch, nr_clone, nr_unshare, nr_clone3 = known
+        ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+        allow, errno = 0x7FFF0000, 0x00050000
+        eperm, enosys = errno | 1, errno | 38
+        program = [  # (code, jump if true, jump if false, k); jumps count the instructions skipped
+            (ld, 0, 0, 4),  # 0: A = arch
+            (jeq, 1, 0, audit_arch),  # 1: our ABI -> 3
+            (ret, 0, 0, enosys),  # 2
+            (ld, 0, 0, 0),  # 3: A = system call number
+            (jset, 8, 0, 0x40000000),  # 4: x32 -> 13
+            (jeq, 7, 0, nr_clone3),  # 5: -> 13
+            (jeq, 2, 0, nr_clone),  # 6: -> 9
+            (jeq, 1, 0, nr_unshare),  # 7: -> 9
+            (ret, 0, 0, allow),  # 8
+            (ld, 0, 0, 16),  # 9: A = low 32 bits of the first argument (the flags)
+            (jset, 0, 1, _CLONE_NEWUSER),  # 10: -> 11 or 12
+            (ret, 0, 0, eperm),  # 11
+            (ret, 0, 0, allow),  # 12
+            (ret, 0, 0, enosys),  # 13
+        ]
+
+        class SockFilter(ctypes.Structure):
+            _fields_ = [
+                ("code", ctypes.c_uint16),
+                ("jt", ctypes.c_uint8),
+                ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32),
+            ]
+
+        class SockFprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+        filters = (SockFilter * len(program))(*[SockFilter(*insn) for insn in program])
+        fprog = SockFprog(len(program), filters)
+        self.prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        ret_code = self.libc.prctl(
+            _PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.addressof(fprog), 0, 0
+        )
+        self._check(ret_code, "seccomp")
+        return True
 
     def clear_capabilities(self) -> None:
         """Empty the permitted, effective and inheritable capability sets."""
@@ -953,6 +1008,7 @@ def _serve() -> None:
                 pass  # the server's /proc stays: other programs' processes are visible but out of reach
             _set_limits(cfg, nproc_limit)
             _drop_privileges(kernel, uid)
+            kernel.forbid_user_namespaces()
 
         return setup
 
