@@ -65,8 +65,18 @@ def guard_outputs(
             rel = relation(out, inp)
             if rel is not None:
                 what = f"output {out_label} {_shown(out)}" if out_label else f"output path {_shown(out)}"
-                target = f"input {in_label} {_shown(inp)}" if in_label else f"input {_shown(inp)}"
+                target = _describe_input(in_label, inp)
                 raise MergeError(f"{what} {rel} {target}; choose an output path outside every input")
+
+
+def _describe_input(label: str | None, path: PathLike) -> str:
+    """``input <label> <path>``, without repeating the path when the label already ends with it."""
+    if label is None:
+        return f"input {_shown(path)}"
+    head, _, last = label.rpartition(" ")
+    if head and last and canonical(last) == canonical(path):
+        return f"input {head} {_shown(last)}"
+    return f"input {label} {_shown(path)}"
 
 
 def _shown(path: PathLike) -> str:

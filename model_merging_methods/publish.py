@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -74,8 +73,6 @@ def current_umask() -> int:
 def os_error_message(exc: OSError, path: PathLike | None = None, action: str = "write") -> str:
     """One line for an operating-system error: what could not be done to which path, and why."""
     reason = exc.strerror or str(exc) or type(exc).__name__
-    if exc.errno == errno.ENOSPC:
-        reason += " (the disk is full)"
     where = exc.filename if exc.filename not in (None, "") else path
     if where is None:
         return f"cannot {action}: {reason}"
@@ -221,8 +218,8 @@ def _check_location(target: Path) -> Path:
         n = len(os.fsencode(part))
         if n > limit:
             raise MergeError(
-                f"cannot write {target}: the name {part[:40]}... is {n} bytes long, more than the file system's "
-                f"limit of {limit}"
+                f"cannot write {target.parent if part == target.name else target}: the name {part[:40]}... is "
+                f"{n} bytes long, more than the file system's limit of {limit}"
             )
     return ancestor
 
