@@ -6,17 +6,16 @@ Two layers protect the machine (details and measurements: ``docs/sandbox.md``):
    starts one small *sandbox server* (``python -I this_file --sandbox-server``) inside a bubblewrap sandbox: no
    network (its own empty network namespace), its own pid, IPC and UTS namespaces, the whole file system mounted
    **read-only**, an empty ``/tmp``, root's (or the caller's) home hidden, and the sandbox dies with its parent.
-   The server forks **one child per program**, up to ``workers`` at a time. Each child, before it runs the
-   program, enters a **new pid namespace** (its pid 1 is a ``sleep`` that holds the namespace; when the program
-   ends or times out, killing that pid 1 makes the kernel kill every process the program left behind, ``setsid``
-   or double-forked ones included) and a new mount and IPC namespace, gets a
-   **fresh tmpfs** as its working directory (size- and inode-capped; nothing else is writable), its own
-   ``/proc``, drops every capability and may not create user namespaces (a seccomp filter). When the toolkit runs
-   as root the child also becomes a **real
-   unprivileged uid** (one per worker slot), so that ``RLIMIT_NPROC`` caps its processes (the kernel ignores
-   that limit for root); the interpreter stays executable for that uid because any folder on its path that
-   others may not enter (e.g. ``/root`` with ``/root/.pyenv``) is replaced by an empty tmpfs into which only the
-   interpreter's own folders are bind-mounted, read-only.
+   The server forks **one child per program**, up to ``workers`` at a time. Each program gets a **new pid
+   namespace** (its pid 1 is a ``sleep`` that holds the namespace; when the program ends or times out, killing
+   that pid 1 makes the kernel kill every process the program left behind, ``setsid`` or double-forked ones
+   included), a new mount and IPC namespace, a **fresh tmpfs** as its working directory (size- and inode-capped;
+   nothing else is writable) and its own ``/proc``; it drops every capability and may not create user namespaces
+   (a seccomp filter). When the toolkit runs as root the program runs as a **real unprivileged uid** (one per
+   worker slot), so that ``RLIMIT_NPROC`` caps its processes (the kernel ignores that limit for root); as another
+   user it gets a user namespace of its own for the same purpose. The interpreter stays usable for that uid: any
+   folder on its path that others may not enter (e.g. ``/root`` with ``/root/.pyenv``) is replaced by an empty
+   tmpfs into which only the interpreter's own folders are bind-mounted, read-only.
 2. **The Python-level guard** of before, kept as a second layer (and the only one where bubblewrap is missing or
    cannot create namespaces): ``resource`` limits (address space, CPU seconds, file size, no core files, number
    of processes), stdin/stdout/stderr on ``/dev/null``, an empty environment, destructive functions disabled as
@@ -921,12 +920,9 @@ def _serve() -> None:
         # twice as many slots as workers: a slot whose namespace the kernel is still tearing down (that takes a
         # few ms, mostly waiting) does not hold up the next program
         n_slots = 2 * workers
-        if cfg["mode"] == "bwrap-root":
-            slot_uids = list(_slot_uids(n_slots))
-            nproc_limit = cfg["max_processes"] + 1  # the program itself
-        else:  # every program has the caller's uid: one pool for all, as before
-            slot_uids = [None] * n_slots
-            nproc_limit = _count_user_tasks(os.geteuid()) + workers * cfg["max_processes"]
+        # as root, one uid per slot; otherwise one user namespace per program: RLIMIT_NPROC counts one program
+        slot_uids = list(_slot_uids(n_slots)) if cfg["mode"] == "bwrap-root" else [None] * n_slots
+        nproc_limit = cfg["max_processes"] + 1  # the program itself
     else:
         if os.geteuid() != 0:  # RLIMIT_NPROC is per user and not enforced for root
             nproc_limit = _count_user_tasks(os.geteuid()) + workers * cfg["max_processes"]
@@ -1006,6 +1002,13 @@ def _serve() -> None:
                 kernel.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
             except OSError:
                 pass  # the server's /proc stays: other programs' processes are visible but out of reach
+            if uid is None:
+                # not root: every program has the caller's uid; in a user namespace of its own, RLIMIT_NPROC
+                # counts this program's processes only (the kernel counts per user namespace and uid)
+                kernel.unshare(_CLONE_NEWUSER)
+                for name, text in (("setgroups", "deny"), ("uid_map", "0 0 1"), ("gid_map", "0 0 1")):
+                    with open(f"/proc/self/{name}", "w") as f:
+                        f.write(text)
             _set_limits(cfg, nproc_limit)
             _drop_privileges(kernel, uid)
             kernel.forbid_user_namespaces()
