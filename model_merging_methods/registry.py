@@ -131,6 +131,9 @@ class MergeMethod:
     stream_pass: Callable[..., dict[str, Any]] | None = None
     random: bool = False  # draws random numbers (seeded by the ``seed`` parameter and the model and tensor)
     order: int = 100  # position in listings (the paper's five methods first)
+    check: Callable[[Mapping[str, Any], int], None] | None = (
+        None  # checks across parameters (and the model count)
+    )
 
     def scope_for(self, params: Mapping[str, Any]) -> str:
         scope = self.scope(params) if callable(self.scope) else self.scope
@@ -166,6 +169,8 @@ class MergeMethod:
         for p in self.params:
             value = values.get(p.name, p.default)
             out[p.name] = None if value is None and p.default is None else p.validate(value, num_models)
+        if self.check is not None:
+            self.check(out, num_models)
         return out
 
     def defaults(self) -> dict[str, Any]:

@@ -49,6 +49,13 @@ def breadcrumbs_mask(tau: torch.Tensor, small_rate: float, outlier_rate: float) 
     return keep.reshape(tau.shape)
 
 
+def _check_rates(small_rate: float, outlier_rate: float) -> None:
+    if small_rate + outlier_rate > 1.0:
+        raise MergeError(
+            f"param_value_mask_rate + outlier_mask_rate must be at most 1, got {small_rate} + {outlier_rate}"
+        )
+
+
 def breadcrumbs_tensor(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -57,10 +64,7 @@ def breadcrumbs_tensor(
     scaling_coefficient: float,
 ) -> torch.Tensor:
     """θ_pre + λ Σ_i m_i ⊙ τ_i for one tensor (inputs in the compute dtype, unchanged)."""
-    if small_rate + outlier_rate > 1.0:
-        raise MergeError(
-            f"param_value_mask_rate + outlier_mask_rate must be at most 1, got {small_rate} + {outlier_rate}"
-        )
+    _check_rates(small_rate, outlier_rate)
     total = torch.zeros_like(base)
     for x in tensors:
         tau = x - base
@@ -89,6 +93,7 @@ METHOD = register(
         reference="Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795",
         params=(SCALING_COEFFICIENT, PARAM_VALUE_MASK_RATE, OUTLIER_MASK_RATE),
         kernel=_kernel,
+        check=lambda params, _m: _check_rates(params["param_value_mask_rate"], params["outlier_mask_rate"]),
         scope="tensor",
     )
 )

@@ -39,6 +39,11 @@ CONSENSUS_K = Param(
 )
 
 
+def _check_k(consensus_k: int, num_models: int) -> None:
+    if consensus_k > num_models:
+        raise MergeError(f"consensus_k = {consensus_k} is more than the {num_models} models merged")
+
+
 def consensus_tensor(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -47,8 +52,7 @@ def consensus_tensor(
     scaling_coefficient: float,
 ) -> torch.Tensor:
     """θ_pre + λ·(mask ⊙ Σ τ_i) for one block (inputs in the compute dtype, unchanged)."""
-    if consensus_k > len(tensors):
-        raise MergeError(f"consensus_k = {consensus_k} is more than the {len(tensors)} models merged")
+    _check_k(consensus_k, len(tensors))
     taus = [x - base for x in tensors]
     total = torch.zeros_like(base)
     for tau in taus:
@@ -77,6 +81,7 @@ METHOD = register(
         "(ICML), arXiv:2405.07813",
         params=(SCALING_COEFFICIENT, TALL_MASK_LAMBDA, CONSENSUS_K),
         kernel=_kernel,
+        check=lambda params, num_models: _check_k(params["consensus_k"], num_models),
         scope="element",
     )
 )

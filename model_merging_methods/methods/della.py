@@ -61,6 +61,11 @@ def check_keep_probabilities(rate: float, epsilon: float, name: str = "weight_ma
         )
 
 
+def _check_all_rates(params: Mapping[str, Any], num_models: int) -> None:
+    for rate in params["weight_mask_rate"]:
+        check_keep_probabilities(rate, params["della_epsilon"])
+
+
 def keep_probabilities(tau: torch.Tensor, rate: float, epsilon: float) -> torch.Tensor:
     """q = (1 − p) − ε + 2ε·rank_norm for every entry of ``tau``, ranked by |τ| within its row (last dimension)."""
     rows = tau.detach().reshape(-1, tau.shape[-1] if tau.dim() else 1)
@@ -129,6 +134,7 @@ METHOD = register(
         reference="Deep et al. 2024, DELLA-Merging, arXiv:2406.11617",
         params=(SCALING_COEFFICIENT, WEIGHT_MASK_RATE, DELLA_EPSILON),
         kernel=_kernel,
+        check=_check_all_rates,
         scope="tensor",
         dare_prestep=False,
         random=True,
