@@ -267,3 +267,32 @@ def build_tiny_classifier(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(save_dir))
     return model
+
+
+def build_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8000, save_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer (lower-cased, accents stripped, ``[CLS] a [SEP] b [SEP]``) trained on
+    ``texts``: sub-words, so unseen words still get pieces (for the offline GLUE story's pre-trained encoder)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(
+        list(texts),
+        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2),
+    )
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+    if save_dir is not None:
+        fast.save_pretrained(str(save_dir))
+    return fast
