@@ -475,13 +475,13 @@ def staged_files(folder: PathLike) -> Iterator[Path]:
     completes, every file in it is moved into ``folder`` (replacing files of the same name), so a run that fails
     half-way leaves none of its files behind. Stale staging folders of killed runs are removed first."""
     folder = check_output_folder(folder)
-    remove_stale_temporaries(folder / ".staging")
+    remove_stale_temporaries(folder / "staging")
     created: list[Path] = []
     tmp: Path | None = None
     try:
         with signals_as_exceptions():
             created = make_parents(folder)
-            tmp = _temp_path(folder / ".staging", "tmp")
+            tmp = _temp_path(folder / "staging", "tmp")
             os.mkdir(tmp)
             write_owner_marker(tmp, "staged result files", pid=os.getpid(), host=socket.gethostname())
             yield tmp
