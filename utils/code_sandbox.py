@@ -311,7 +311,8 @@ def _run_batch(
 ) -> _Batch:
     """Start one sandbox server for ``programs[indices]`` and collect what it reports."""
     run_marker = os.urandom(8).hex()
-    base_tmp = tempfile.mkdtemp(prefix="dare_sandbox_run_")
+    # without bubblewrap the programs' folders are made in a fresh folder here; with it, in the sandbox's tmpfs
+    base_tmp = tempfile.mkdtemp(prefix="dare_sandbox_run_") if iso.mode != "bubblewrap" else None
     payload = dict(cfg)
     payload.update(
         {
@@ -323,7 +324,7 @@ def _run_batch(
         }
     )
     harness = os.path.abspath(__file__)
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": base_tmp, "TMPDIR": base_tmp}
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": base_tmp or "/", "TMPDIR": base_tmp or "/tmp"}
     if iso.mode == "bubblewrap":
         payload["mode"] = "bwrap-root" if iso.as_root else "bwrap-userns"
         payload["base"] = "/tmp"
@@ -338,7 +339,7 @@ def _run_batch(
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as err:
         server = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=base_tmp, env=env
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=base_tmp or "/", env=env
         )
         try:
             assert server.stdin is not None and server.stdout is not None
@@ -377,7 +378,8 @@ def _run_batch(
                 for pid in inflight.values():
                     _kill_group(pid)
                 _kill_marked(run_marker)
-            _rmtree(base_tmp)
+            if base_tmp is not None:
+                _rmtree(base_tmp)
         err.seek(0)
         stderr = err.read().decode("utf-8", "replace")
     code = server.returncode
