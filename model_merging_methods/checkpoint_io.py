@@ -294,9 +294,12 @@ def find_local_model(name_or_path: str, name_resolver: NameResolver | None = Non
     if not str(name_or_path).strip():
         return None
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if os.path.lexists(path):
+    try:
+        if path.is_dir():
+            return path.resolve()
+        if os.path.lexists(path):
+            return None
+    except OSError:  # e.g. a name too long for the file system: not a local folder
         return None
     repo_id = _hub_repo_id(name_or_path, name_resolver)
     return _cached_snapshot(repo_id) if repo_id is not None else None
@@ -325,9 +328,18 @@ def resolve_model_path(name_or_path: str, name_resolver: NameResolver | None = N
     if not str(name_or_path).strip():
         raise UserError("a model name or path is empty")
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if os.path.lexists(path):
+    try:
+        if path.is_dir():
+            return path.resolve()
+        exists = os.path.lexists(path)
+    except OSError as exc:
+        shown = (
+            name_or_path
+            if len(name_or_path) <= 80
+            else name_or_path[:60] + f"... ({len(name_or_path)} characters)"
+        )
+        raise UserError(f"model path {shown}: {exc.strerror or exc}") from exc
+    if exists:
         raise UserError(f"model path {name_or_path} is not a folder")
     repo_id = _hub_repo_id(name_or_path, name_resolver)
     if repo_id is None:

@@ -599,3 +599,11 @@ def test_issue_cases_as_processes(world, tmp_path):
     assert snapshot(world["models"], world["data"]) == before
     assert list(tmp_path.iterdir()) == []
     assert not any(OWNER_MARKER in str(p) for p in world["models"].rglob("*"))
+
+
+def test_model_name_too_long_for_the_file_system(world, guarded, capsys):
+    argv = ["--pretrained_model_name", world["base"], "--finetuned_model_names", world["ft_a"], "x" * 300,
+            "--skip_evaluation", "--merged_model_path", guarded / "m"]  # fmt: skip
+    code, err = run_cli(merge.main, argv, capsys)
+    assert_refused(code, err, r"model path x{60}\.\.\. \(300 characters\): File name too long")
+    assert listing(guarded) == []
