@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import UserError, run_main, setup_logging
+from utils.method_cli import add_dare_arguments, add_method_arguments, method_settings
+from utils.run_names import method_run_name
 
 TASKS = ("instruct", "math", "code")
 # fallback when utils.llm_evaluation is not importable (same mapping as its TASK_DATASETS)
@@ -30,7 +32,8 @@ _TASK_DATASETS = {"instruct": ["alpaca_eval"], "math": ["gsm8k", "MATH"], "code"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Merge LLMs (average, task arithmetic, TIES, DARE + X) out of core and evaluate the result.",
+        description="Merge LLMs (any streamable method of the registry, optionally after DARE) out of core and "
+        "evaluate the result.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     models = p.add_argument_group("models")
@@ -46,30 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="models to merge (registry names, hub ids or local folders); replaces --merge_*",
     )  # fmt: skip
 
-    method = p.add_argument_group("merging method")
-    method.add_argument(
-        "--merging_method_name", default="average_merging",
-        choices=["average_merging", "task_arithmetic", "ties_merging", "mask_merging"],
-    )  # fmt: skip
-    method.add_argument("--scaling_coefficient", type=float, default=1.0, help="λ of task arithmetic / TIES")
-    method.add_argument("--param_value_mask_rate", type=float, default=0.8, help="TIES trim rate r")
-    method.add_argument(
-        "--trim_scope", default="global", choices=["global", "tensor"], help="TIES trim scope"
-    )
-    method.add_argument(
-        "--mask_apply_method", default="average_merging",
-        choices=["average_merging", "task_arithmetic", "ties_merging"], help="method applied after DARE",
-    )  # fmt: skip
-    method.add_argument(
-        "--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"]
-    )
-    method.add_argument(
-        "--weight_mask_rate", type=float, nargs="+", default=[0.1],
-        help="DARE drop rate: one value for every model, or one per model",
-    )  # fmt: skip
-    method.add_argument("--use_weight_rescale", action="store_true", help="rescale survivors by 1/(1-p)")
-    method.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
-    method.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    method = p.add_argument_group("merging method (every streamable method of the registry)")
+    add_method_arguments(method, streamable_only=True)
+    add_dare_arguments(method, rate_default=0.1)
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -132,28 +114,18 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "-", Path(name.rstrip("/")).name or name).strip("-") or "model"
 
 
-def _method_name(method: str, args: argparse.Namespace) -> str:
-    if method == "average_merging":
-        return "average_merging"
-    if method == "task_arithmetic":
-        return f"task_arithmetic_scaling_coefficient_{args.scaling_coefficient}"
-    return (
-        f"ties_merging_param_value_mask_rate_{args.param_value_mask_rate}"
-        f"_scaling_coefficient_{args.scaling_coefficient}_trim_{args.trim_scope}"
-    )
-
-
 def save_model_name(args: argparse.Namespace, rates: list[float]) -> str:
     """The merged model's folder name: the original's name plus every setting it left out (strategy, weight format,
     seed, trim scope, dtype, vocabulary policy, overridden backbone), so variants never overwrite each other."""
     if args.merging_method_name == "mask_merging":
         name = (
-            f"mask_merging/{_method_name(args.mask_apply_method, args)}/mask_{'_'.join(str(r) for r in rates)}"
+            f"mask_merging/{method_run_name(args.mask_apply_method, method_settings(args, args.mask_apply_method))}"
+            f"/mask_{'_'.join(str(r) for r in rates)}"
             f"_rescale_{args.use_weight_rescale}_strategy_{args.mask_strategy}_weight_format_{args.weight_format}"
             f"_seed_{args.seed}"
         )
     else:
-        name = _method_name(args.merging_method_name, args)
+        name = method_run_name(args.merging_method_name, method_settings(args, args.merging_method_name))
     if args.dtype != "auto":
         name += f"_dtype_{args.dtype}"
     if args.vocab_policy != "auto":
@@ -262,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_logging()
     from model_merging_methods.checkpoint_io import parse_size
+    from model_merging_methods.registry import get_method
     from model_merging_methods.streaming import stream_merge
     from utils.cli import check_evaluation_args, check_rate
     from utils.llm_registry import hub_id, pad_token_for
@@ -275,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # every flag is checked before any path is touched
     for r in rates:
         check_rate("--weight_mask_rate", r)
-    check_rate("--param_value_mask_rate", args.param_value_mask_rate)
+    method_name = (
+        args.mask_apply_method if args.merging_method_name == "mask_merging" else args.merging_method_name
+    )
+    settings = get_method(method_name).validate(method_settings(args, method_name), len(names))
     parse_size(args.max_shard_size)
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num_threads must be >= 1, got {args.num_threads}")
@@ -299,8 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
     manifest = stream_merge(
         pretrained, names, str(merged_path),
-        merging_method_name=args.merging_method_name, scaling_coefficient=args.scaling_coefficient,
-        param_value_mask_rate=args.param_value_mask_rate, trim_scope=args.trim_scope,
+        merging_method_name=args.merging_method_name, **settings,
         mask_apply_method=args.mask_apply_method if args.merging_method_name == "mask_merging" else None,
         weight_mask_rates=rates, use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
         weight_format=args.weight_format, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,

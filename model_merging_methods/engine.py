@@ -13,8 +13,6 @@ Model index conventions: index 0 is the pre-trained model (None in memory when a
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,6 +33,7 @@ from model_merging_methods.mask_weights_utils import (
 )
 from model_merging_methods.planning import TensorPlan
 from model_merging_methods.registry import MergeMethod, TensorContext, get_method
+from model_merging_methods.threads import default_workers, torch_threads  # noqa: F401 - re-exported
 
 StateDict = dict[str, torch.Tensor]
 
@@ -42,28 +41,6 @@ StateDict = dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------------------
 # threads and progress
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the body with ``torch.set_num_threads(n)``, restoring the previous count afterwards."""
-    old = torch.get_num_threads()
-    if old != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if old != n:
-            torch.set_num_threads(old)
-
-
-def default_workers() -> int:
-    """Worker threads when none are asked for: the usable CPUs, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
 
 
 def progress(total: int, desc: str, enabled: bool = True):

@@ -42,9 +42,8 @@ class Param:
     """One typed hyper-parameter of a method (also the name of its keyword argument and command-line flag)."""
 
     name: str
-    check: Callable[
-        [str, Any], Any
-    ]  # a validator of model_merging_methods.validators: (name, value) -> value
+    # a validator of model_merging_methods.validators: (name, value) -> normalised value
+    check: Callable[[str, Any], Any]
     default: Any
     help: str
     type: type = float  # the type of one value on the command line
@@ -52,6 +51,7 @@ class Param:
     grid: tuple | None = None  # the GLUE hyper-parameter search grid (None: not searched)
     per_model: bool = False  # one value for every model, or one per model
     flag: bool = True  # exposed on the command line
+    short: str | None = None  # its name in run names (default: ``name``)
 
     def validate(self, value: Any, num_models: int | None = None) -> Any:
         if self.per_model:
@@ -131,9 +131,9 @@ class MergeMethod:
     stream_pass: Callable[..., dict[str, Any]] | None = None
     random: bool = False  # draws random numbers (seeded by the ``seed`` parameter and the model and tensor)
     order: int = 100  # position in listings (the paper's five methods first)
-    check: Callable[[Mapping[str, Any], int], None] | None = (
-        None  # checks across parameters (and the model count)
-    )
+    # checks across parameters (and the number of models), run before anything is read
+    check: Callable[[Mapping[str, Any], int], None] | None = None
+    name_order: tuple[str, ...] | None = None  # parameter order in run names (default: declaration order)
 
     def scope_for(self, params: Mapping[str, Any]) -> str:
         scope = self.scope(params) if callable(self.scope) else self.scope

@@ -11,15 +11,19 @@ Adding a method means adding its row to :data:`SELF_MERGE` (the test fails until
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from model_merging_methods import planning
 from model_merging_methods.errors import MergeError
 from model_merging_methods.merging_methods import mask_merging, merge_state_dicts
 from model_merging_methods.registry import all_methods, get_method, method_names, shared_params
+from model_merging_methods.streaming import stream_merge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,3 +146,73 @@ def test_unknown_method_and_unknown_parameter_are_one_line_errors():
         merge_state_dicts("task_arithmetic", base, models, lambda_=0.3)
     with pytest.raises(MergeError, match="finite and non-negative"):
         merge_state_dicts("task_arithmetic", base, models, scaling_coefficient=-1.0)
+
+
+def save_family(tmp_path: Path, base, models) -> tuple[str, list[str]]:
+    folders = []
+    for i, sd in enumerate([base, *models]):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file(
+            {n: t.contiguous() for n, t in sd.items()},
+            folder / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        (folder / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        folders.append(str(folder))
+    return folders[0], folders[1:]
+
+
+SETTINGS = {  # non-default settings so that every parameter matters
+    "ties_merging": [{"param_value_mask_rate": 0.5, "trim_scope": "global"}, {"trim_scope": "tensor"}],
+    "task_arithmetic": [{"scaling_coefficient": 0.7}],
+    "breadcrumbs_merging": [{"param_value_mask_rate": 0.3, "outlier_mask_rate": 0.05}],
+    "della_merging": [{"weight_mask_rate": 0.4, "della_epsilon": 0.2, "seed": 5}],
+    "slerp_merging": [{"slerp_t": 0.3}],
+    "consensus_merging": [{"tall_mask_lambda": 0.5, "consensus_k": 2}],
+}
+
+
+@pytest.mark.parametrize("dare", [False, True], ids=["plain", "dare"])
+@pytest.mark.parametrize("name", streamable_names())
+def test_streamed_bytes_equal_in_memory_bytes(name, dare, tmp_path, monkeypatch):
+    """Every streamable method, streamed in small row blocks on 2 threads, gives the in-memory bytes."""
+    method = get_method(name)
+    if dare and not method.dare_prestep:
+        pytest.skip("no DARE pre-step")
+    monkeypatch.setattr(planning, "CHUNK_ELEMENTS", 50)
+    base, models = family(num_models_for(name), dtype=torch.bfloat16, seed=1)
+    pre, fts = save_family(tmp_path, base, models)
+    for k, settings in enumerate(SETTINGS.get(name, [{}])):
+        if dare:
+            kw = dict(weight_mask_rates=[0.3, 0.6, 0.5][: len(models)], use_weight_rescale=True, seed=9)
+            expected = mask_merging(base, models, name, exclude_param_names_regex=EXCLUDE, **kw, **settings)
+            call = dict(merging_method_name="mask_merging", mask_apply_method=name, **kw)
+        else:
+            expected = merge_state_dicts(name, base, models, EXCLUDE, **settings)
+            call = dict(merging_method_name=name)
+        for threads in (1, 2):
+            out = tmp_path / f"out{k}_{threads}"
+            stream_merge(
+                pre, fts, str(out), exclude_param_names_regex=EXCLUDE, num_threads=threads, **call, **settings
+            )
+            got = load_file(out / "model.safetensors")
+            assert set(got) == set(expected)
+            for n in expected:
+                assert torch.equal(got[n], expected[n]), (name, settings, threads, n)
+
+
+@pytest.mark.parametrize("name", streamable_names())
+def test_every_streamable_method_runs_from_the_llm_merge_script(name, tmp_path):
+    """The script's flags come from the registry: each method runs with its defaults and gives the core's bytes."""
+    import merge_llms_instruct_math_code as script
+
+    base, models = family(num_models_for(name), seed=2)
+    pre, fts = save_family(tmp_path, base, models)
+    out = tmp_path / "merged"
+    argv = ["--pretrained_model_name", pre, "--finetuned_model_names", *fts, "--merging_method_name", name]
+    script.main([*argv, "--merged_model_path", str(out), "--skip_evaluation", "--num_threads", "1"])
+    expected = merge_state_dicts(name, base, models)
+    got = load_file(out / "model.safetensors")
+    for n in expected:
+        assert torch.equal(got[n], expected[n]), (name, n)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_merging_methods import streaming
+from model_merging_methods import planning
 from model_merging_methods.mask_weights_utils import mask_model_weights
 from model_merging_methods.merging_methods import average_merging, mask_merging, task_arithmetic, ties_merging
 from model_merging_methods.streaming import (
@@ -141,7 +141,7 @@ def family_bf16(tmp_path_factory):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Row blocks of at most 1000 elements, so every tensor bigger than that is streamed in several blocks."""
-    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(planning, "CHUNK_ELEMENTS", 1000)
 
 
 def _inputs(fam, names=("ft_a", "ft_b", "ft_c")):
@@ -361,7 +361,7 @@ def test_determinism_runs_threads_shards_blocks(family_bf16, tmp_path, monkeypat
     finally:
         torch.set_num_threads(old)
     stream_merge(*args, str(tmp_path / "r3"), **kw)
-    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 700)
+    monkeypatch.setattr(planning, "CHUNK_ELEMENTS", 700)
     stream_merge(*args, str(tmp_path / "r4"), max_shard_size="10KB", **kw)
     assert _file_bytes(tmp_path / "r1") == _file_bytes(tmp_path / "r2") == _file_bytes(tmp_path / "r3")
     assert len(_file_bytes(tmp_path / "r4")) > 2

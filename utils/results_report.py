@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from model_merging_methods.registry import all_methods
+
 QUICKSTART_SCHEMA = "dare-toolkit/quickstart-results/v1"
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
@@ -47,14 +49,9 @@ _GLUE_MAIN_METRIC = {
     "rte": "accuracy",
 }
 LLM_DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
-MERGE_METHODS = ("average_merging", "task_arithmetic", "ties_merging", "fisher_merging", "regmean_merging")
-METHOD_LABELS = {
-    "average_merging": "average",
-    "task_arithmetic": "task arithmetic",
-    "ties_merging": "TIES",
-    "fisher_merging": "Fisher",
-    "regmean_merging": "RegMean",
-}
+# every registered merging method (the paper's five first) and its label, from the method registry
+MERGE_METHODS = tuple(m.name for m in all_methods())
+METHOD_LABELS = {m.name: m.label for m in all_methods()}
 
 _DARE_NAME = re.compile(
     r"^(?P<model>.+?)_inference_mask_(?P<rate>[0-9.eE+-]+?)(?:_rescale_(?P<rescale>True|False))?(?P<rest>(?:_.*)?)$"

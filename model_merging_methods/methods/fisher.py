@@ -70,7 +70,7 @@ def _kernel(
 
 METHOD = register(
     MergeMethod(
-        order=30,
+        order=40,
         name="fisher_merging",
         label="Fisher",
         formula="θ = Σ_i w_i F̃_i θ_i / Σ_i w_i F̃_i",

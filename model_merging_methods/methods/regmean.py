@@ -67,7 +67,7 @@ def _kernel(
 
 METHOD = register(
     MergeMethod(
-        order=40,
+        order=50,
         name="regmean_merging",
         label="RegMean",
         formula="W = ((Σ_i Ĝ_i)⁻¹ Σ_i Ĝ_i W_iᵀ)ᵀ for linear weights; average elsewhere",

@@ -221,7 +221,7 @@ def _stream_pass(*args, **kwargs) -> dict[str, Any]:
 
 METHOD = register(
     MergeMethod(
-        order=50,
+        order=30,
         name="ties_merging",
         label="TIES",
         formula="θ = θ_pre + λ · disjoint_mean(elect_sign(trim_r(τ_i)))",
@@ -242,11 +242,13 @@ METHOD = register(
                 "TIES trim scope: one threshold and majority sign per model (global, the paper's) or per tensor",
                 type=str,
                 choices=TRIM_SCOPES,
+                short="trim",
             ),
         ),  # fmt: skip
         kernel=_kernel,
         scope=lambda params: "model" if params["trim_scope"] == "global" else "tensor",
         model_statistics=_model_statistics,
         stream_pass=_stream_pass,
+        name_order=("param_value_mask_rate", "scaling_coefficient", "trim_scope"),
     )
 )
