@@ -40,13 +40,15 @@ from utils.cli import UserError, check_rate, run_main, setup_logging
 from utils.customized_trainers import GlueEvaluator
 from utils.glue_data_loader import MAX_SEQ_LENGTH, TASK_NAMES, check_task_names, load_glue_task
 from utils.glue_merging import (
+    DARE_METHODS,
     DATA_METHODS,
     DEFAULT_GRIDS,
     INTEGER_GRID_KEYS,
     MERGE_MODES,
+    METHOD_OPTION_KEYS,
+    METHOD_OPTIONS,
     METHOD_RESULT_KEYS,
     METHODS,
-    RATE_GRID_KEYS,
     SCORE_METRICS,
     MergeSettings,
     StatsCache,
@@ -54,6 +56,7 @@ from utils.glue_merging import (
     all_tasks_paths,
     all_tasks_table,
     check_architectures,
+    check_num_models,
     common_suffix,
     grid_points,
     kept_parameters,
@@ -99,7 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--language_model_name", default="roberta-base", help="model name or local folder")
     p.add_argument("--merging_method_name", default="average_merging", choices=METHODS)
     p.add_argument(
-        "--mask_apply_method", default="average_merging", choices=[m for m in METHODS if m != "mask_merging"]
+        "--mask_apply_method",
+        default="average_merging",
+        choices=DARE_METHODS,
+        help="the method applied after DARE in mask_merging",
     )
     p.add_argument(
         "--merge_mode",
@@ -107,14 +113,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=MERGE_MODES,
         help="pairs: every ordered pair, target evaluated (the original); all: every task at once",
     )
-    # one flag per grid key (a method added to the tables gets its flags without code here)
+    # one flag per grid key and per setting of the registered methods (a new method gets its flags without code)
+    from model_merging_methods.registry import shared_params
+
+    declared = shared_params()
     for key, default in DEFAULT_GRIDS.items():
         p.add_argument(
             f"--{key}",
             type=int if key in INTEGER_GRID_KEYS else float,
             nargs="+",
             default=None,
-            help=f"grid values (default: {default})" + (f"; {GRID_HELP[key]}" if key in GRID_HELP else ""),
+            help=f"grid values (default: {default}, or the method's declared grid)"
+            + (f"; {GRID_HELP[key]}" if key in GRID_HELP else ""),
+        )
+    legacy = {k for options in METHOD_OPTIONS.values() for k in options}
+    for key in dict.fromkeys(k for keys in METHOD_OPTION_KEYS.values() for k in keys):
+        if key in legacy or key in DEFAULT_GRIDS or key in declared and not declared[key].flag:
+            continue
+        param = declared[key]
+        p.add_argument(
+            f"--{key}",
+            type=param.type if param.type in (int, float, str) else str,
+            default=None,
+            choices=param.choices,
+            help=f"{param.help} (default {param.default})",
         )
     p.add_argument(
         "--normalize_fisher_weight",
@@ -171,19 +193,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace) -> MergeSettings:
-    grids = copy.deepcopy(DEFAULT_GRIDS)
-    for key in grids:
-        if getattr(args, key, None) is not None:
-            grids[key] = list(getattr(args, key))
-    for key in RATE_GRID_KEYS:
-        for value in grids.get(key, []):
-            check_rate(f"--{key}", value)
-    for key in INTEGER_GRID_KEYS:
-        if any(n < 1 for n in grids.get(key, [])):
-            raise UserError(f"--{key} values must be at least 1")
+    from model_merging_methods.registry import shared_params
+
+    declared = shared_params()
+    grids = {key: list(getattr(args, key)) for key in DEFAULT_GRIDS if getattr(args, key, None) is not None}
     for key, values in grids.items():
-        if not all(math.isfinite(float(v)) for v in values):
-            raise UserError(f"--{key} values must be finite numbers")
+        for value in values:
+            if key == "weight_mask_rate" or key not in declared:
+                check_rate(f"--{key}", value)
+            else:
+                declared[key].validate(value, 1)
+            if not math.isfinite(float(value)):
+                raise UserError(f"--{key} values must be finite numbers")
+    options = {}
+    for keys in METHOD_OPTION_KEYS.values():
+        for key in keys:
+            if getattr(args, key, None) is not None and key in declared:
+                options[key] = declared[key].validate(getattr(args, key), 1)
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
     for key in ("max_train_samples", "max_eval_samples"):
@@ -204,7 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> MergeSettings:
         regmean_exclude_padding=args.regmean_exclude_padding, ties_trim_scope=args.ties_trim_scope,
         weight_format=args.weight_format, use_weight_rescale=args.use_weight_rescale,
         mask_strategy=args.mask_strategy, grids=grids, metric=args.metric, max_seq_length=args.max_seq_length,
-        finetuned_model_template=args.finetuned_model_template,
+        finetuned_model_template=args.finetuned_model_template, method_options=options,
     )  # fmt: skip
 
 
@@ -489,6 +515,7 @@ def main(argv=None) -> list[dict]:
     settings = settings_from_args(args)
     for task in tasks:
         score_key(task, settings.metric)
+    check_num_models(settings.base_method, len(tasks) if args.merge_mode == "all" else 2)
     run = GlueMergeRun(args, settings, tasks)  # validates models, data and outputs before anything is written
     if args.merge_mode == "all":
         result = run.run_all(settings)

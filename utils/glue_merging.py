@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from model_merging_methods.mask_weights_utils import check_same_parameters, mask_model_weights
-from model_merging_methods.merging_methods import MERGING_METHODS, merge_state_dicts
+from model_merging_methods.merging_methods import merge_state_dicts
 from utils.cli import UserError
 from utils.glue_data_loader import MAX_SEQ_LENGTH, get_task, make_dataloader
 from utils.glue_paths import backbone_prefix, model_short_name
@@ -53,45 +53,82 @@ from utils.merge_statistics import (
 
 logger = logging.getLogger(__name__)
 
-# =============================================================================================================
-# The per-method tables: the only place that knows about individual methods (to be derived from the core's
-# method registry). A grid key is the name of the core method's keyword argument, except the statistics keys.
-# =============================================================================================================
-METHODS = (*MERGING_METHODS, "mask_merging")
-DATA_METHODS = ("fisher_merging", "regmean_merging")
 
-# The spec's grids (§2.3); every one can be replaced from the command line.
-DEFAULT_GRIDS: dict[str, list] = {
-    "scaling_coefficient": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
-    "fisher_scaling_coefficients": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
-    "nums_fisher_examples": [256, 512, 1024, 2048],
-    "nums_regmean_examples": [256, 512, 1024, 2048],
-    "reduce_non_diagonal_ratio": [0.7, 0.8, 0.9, 1.0],
-    "param_value_mask_rate": [0.7, 0.8, 0.9],
-    "weight_mask_rate": [0.1, 0.3, 0.5, 0.7, 0.9],
-}
+# =============================================================================================================
+# The per-method tables: the only place that knows about individual methods, all derived from the core's method
+# registry (model_merging_methods.registry): a method declared there is searched here with its declared GLUE grid,
+# with no GLUE-specific code. A grid key is the name of the core method's keyword argument, except the statistics
+# keys (how many examples a data statistic is collected from).
+# =============================================================================================================
+_ORIGINAL_GRID_ORDER = {"regmean_merging": ("nums_regmean_examples", "reduce_non_diagonal_ratio")}
+
+
+def _registry_tables() -> dict:
+    from model_merging_methods.registry import all_methods
+
+    methods = all_methods()
+    grid_keys, method_grids, statistics, per_model, integer, options = {}, {}, {}, set(), set(), {}
+    default_grids: dict[str, list] = {}
+    for m in methods:
+        grid_keys[m.name] = tuple(p.name for p in m.grid_params())
+        method_grids[m.name] = {p.name: list(p.grid) for p in m.grid_params()}
+        for p in m.grid_params():
+            default_grids.setdefault(p.name, list(p.grid))
+            if p.per_model:
+                per_model.add(p.name)
+            if p.type is int:
+                integer.add(p.name)
+        for stat in m.data_statistics:
+            for p in stat.params:
+                statistics[p.name] = (m.name, stat.name)
+                per_model.add(p.name)  # the original's result files hold one count per model
+        options[m.name] = tuple(p.name for p in m.params if p.grid is None and p.flag)
+    # the original's loop order where it differs from "own parameters, then the statistics'" (spec §2.3): it
+    # decides which grid point wins a tie
+    for name, order in _ORIGINAL_GRID_ORDER.items():
+        if name in grid_keys and set(order) == set(grid_keys[name]):
+            grid_keys[name] = order
+    # DARE + X: the DARE drop rates searched after the plain method's best setting (the spec's grid)
+    default_grids["weight_mask_rate"] = [0.1, 0.3, 0.5, 0.7, 0.9]
+    return {
+        "methods": tuple(m.name for m in methods),
+        "dare_methods": tuple(m.name for m in methods if m.dare_prestep),
+        "data_methods": tuple(m.name for m in methods if m.data_statistics),
+        "random_methods": tuple(m.name for m in methods if m.random),
+        "max_models": {m.name: m.max_models for m in methods},
+        "min_models": {m.name: m.min_models for m in methods},
+        "grid_keys": grid_keys,
+        "method_grids": method_grids,
+        "default_grids": default_grids,
+        "statistics": statistics,
+        "per_model": tuple(sorted(per_model)),
+        "integer": tuple(sorted(integer)),
+        "options": options,
+    }
+
+
+_TABLES = _registry_tables()
+METHODS: tuple[str, ...] = (*_TABLES["methods"], "mask_merging")
+DARE_METHODS: tuple[str, ...] = _TABLES["dare_methods"]  # what DARE + X accepts as X
+DATA_METHODS: tuple[str, ...] = _TABLES["data_methods"]
+RANDOM_METHODS: tuple[str, ...] = _TABLES[
+    "random_methods"
+]  # methods that draw random numbers (take the seed)
+# the default grid of every key (the first method's declared grid; weight_mask_rate: the DARE rates)
+DEFAULT_GRIDS: dict[str, list] = _TABLES["default_grids"]
+# a method's own declared grids, where they differ from DEFAULT_GRIDS
+METHOD_DEFAULT_GRIDS: dict[str, dict[str, list]] = _TABLES["method_grids"]
 # grid keys per method, outer loop first
-METHOD_GRID_KEYS: dict[str, tuple[str, ...]] = {
-    "average_merging": (),
-    "task_arithmetic": ("scaling_coefficient",),
-    "fisher_merging": ("fisher_scaling_coefficients", "nums_fisher_examples"),
-    "regmean_merging": ("nums_regmean_examples", "reduce_non_diagonal_ratio"),
-    "ties_merging": ("scaling_coefficient", "param_value_mask_rate"),
-}
+METHOD_GRID_KEYS: dict[str, tuple[str, ...]] = _TABLES["grid_keys"]
 # hyper-parameter keys a plain result contributes to DARE + X (the original's best-dict keys): its grid keys
 METHOD_RESULT_KEYS: dict[str, tuple[str, ...]] = METHOD_GRID_KEYS
 # grid keys whose value is given once per model (the same value for every model, as in the original)
-PER_MODEL_KEYS: tuple[str, ...] = (
-    "fisher_scaling_coefficients",
-    "nums_fisher_examples",
-    "nums_regmean_examples",
-)
+PER_MODEL_KEYS: tuple[str, ...] = _TABLES["per_model"]
 # grid keys that choose how many examples the statistics use: key → (method, core keyword of the statistics)
-STATISTICS_KEYS: dict[str, tuple[str, str]] = {
-    "nums_fisher_examples": ("fisher_merging", "fisher_weights"),
-    "nums_regmean_examples": ("regmean_merging", "gram_matrices"),
-}
-# fixed keyword arguments of a method, taken from the settings: method → {core keyword: MergeSettings attribute}
+STATISTICS_KEYS: dict[str, tuple[str, str]] = _TABLES["statistics"]
+# the methods' settings that are not searched (exposed as flags; the registry's default unless given)
+METHOD_OPTION_KEYS: dict[str, tuple[str, ...]] = _TABLES["options"]
+# fixed keyword arguments with a GLUE flag of their own (the original's): method → {core keyword: settings attribute}
 METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "ties_merging": {"trim_scope": "ties_trim_scope"},
     "fisher_merging": {
@@ -100,9 +137,23 @@ METHOD_OPTIONS: dict[str, dict[str, str]] = {
     },
 }
 # integer-valued grid keys (everything else is a float)
-INTEGER_GRID_KEYS: tuple[str, ...] = ("nums_fisher_examples", "nums_regmean_examples")
-# grid keys that are rates in [0, 1]
-RATE_GRID_KEYS: tuple[str, ...] = ("param_value_mask_rate", "weight_mask_rate", "reduce_non_diagonal_ratio")
+INTEGER_GRID_KEYS: tuple[str, ...] = _TABLES["integer"]
+
+
+def method_grid(settings_or_method, key: str) -> list:
+    """The default grid of ``key`` for a method: its declared grid, else :data:`DEFAULT_GRIDS`."""
+    method = settings_or_method if isinstance(settings_or_method, str) else settings_or_method.base_method
+    return list(METHOD_DEFAULT_GRIDS.get(method, {}).get(key, DEFAULT_GRIDS[key]))
+
+
+def check_num_models(method: str, num_models: int) -> None:
+    """A method that cannot take ``num_models`` models (SLERP: two) is a UserError before anything is loaded."""
+    low, high = _TABLES["min_models"].get(method, 1), _TABLES["max_models"].get(method)
+    if num_models < low or (high is not None and num_models > high):
+        span = f"exactly {low}" if high == low else f"{low} to {high}" if high else f"at least {low}"
+        raise UserError(f"{method} merges {span} models, not {num_models}")
+
+
 # =============================================================================================================
 
 MERGE_MODES = ("pairs", "all")
@@ -129,10 +180,20 @@ class MergeSettings:
     weight_format: str = "delta_weight"
     use_weight_rescale: bool = False
     mask_strategy: str = "random"
-    grids: dict[str, list] = field(default_factory=lambda: copy.deepcopy(DEFAULT_GRIDS))
+    grids: dict[str, list] = field(default_factory=dict)  # grids given by the user; the rest: method_grid()
     metric: str = "main"  # "main": each task's GLUE main metric; "accuracy": accuracy on every task
     max_seq_length: int = MAX_SEQ_LENGTH
     finetuned_model_template: str | None = None  # e.g. "tanganke/gpt2_{task}"
+    method_options: dict[str, object] = field(default_factory=dict)  # non-searched method settings given
+
+    def grid(self, key: str) -> list:
+        """The values searched for ``key``: the user's, else the method's declared grid (DARE rates for
+        ``weight_mask_rate`` in DARE + X)."""
+        if key in self.grids:
+            return list(self.grids[key])
+        if key == "weight_mask_rate" and self.is_dare:
+            return list(DEFAULT_GRIDS["weight_mask_rate"])
+        return method_grid(self.base_method, key)
 
     @property
     def base_method(self) -> str:
@@ -188,10 +249,17 @@ def normalized_scores(scores: dict[str, float], finetuned: dict[str, float]) -> 
 
 # ----------------------------------------------------------------------------------------------- naming
 def _grid_tag(settings: MergeSettings, keys: Sequence[str]) -> str | None:
-    grid = {k: settings.grids[k] for k in keys}
-    if grid == {k: DEFAULT_GRIDS.get(k) for k in keys}:
+    given = [k for k in keys if k in settings.grids]
+    grid = {k: settings.grid(k) for k in given}
+    if not given or all(grid[k] == _default_grid(settings, k) for k in given):
         return None
     return "grid" + hashlib.sha1(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _default_grid(settings: MergeSettings, key: str) -> list:
+    if key == "weight_mask_rate" and settings.is_dare:
+        return list(DEFAULT_GRIDS["weight_mask_rate"])
+    return method_grid(settings.base_method, key)
 
 
 def common_suffix(settings: MergeSettings) -> str:
@@ -217,7 +285,7 @@ def settings_suffix(settings: MergeSettings) -> str:
     parts: list[str] = []
     if settings.selection_split == "test":
         parts.append("select_test")
-    if settings.seed != 0 and (uses_data or settings.is_dare):
+    if settings.seed != 0 and (uses_data or settings.is_dare or base in RANDOM_METHODS):
         parts.append(f"seed{settings.seed}")
     if uses_data and settings.batch_size != 16:
         parts.append(f"bs{settings.batch_size}")
@@ -236,6 +304,9 @@ def settings_suffix(settings: MergeSettings) -> str:
         parts.append("regmean_exclude_padding")
     if base == "ties_merging" and settings.ties_trim_scope != "global":
         parts.append(f"trim_{settings.ties_trim_scope}")
+    for key in METHOD_OPTION_KEYS.get(base, ()):
+        if key in settings.method_options:
+            parts.append(f"{key}{settings.method_options[key]}")
     tag = _grid_tag(settings, METHOD_GRID_KEYS[base])
     if tag:
         parts.append(tag)
@@ -323,7 +394,7 @@ def grid_points(settings: MergeSettings, num_models: int = 2) -> list[dict]:
     """Candidate hyper-parameters of the base method, in the result file's form (lists for per-model values)."""
     keys = METHOD_GRID_KEYS[settings.base_method]
     points = []
-    for values in itertools.product(*(settings.grids[k] for k in keys)):
+    for values in itertools.product(*(settings.grid(k) for k in keys)):
         hp: dict = {}
         for key, value in zip(keys, values):
             hp[key] = [value] * num_models if key in PER_MODEL_KEYS else value
@@ -428,7 +499,7 @@ class TaskMerger:
 
     # statistics -------------------------------------------------------------------------------------
     def _counts(self, key: str) -> list[int]:
-        return sorted(set(int(n) for n in self.settings.grids[key]))
+        return sorted(set(int(n) for n in self.settings.grid(key)))
 
     def _masked_params(self, index: int, rate: float) -> dict[str, torch.Tensor]:
         s = self.settings
@@ -481,12 +552,13 @@ class TaskMerger:
     # merging --------------------------------------------------------------------------------------
     def method_kwargs(self, hp: dict, rate: float | None) -> dict:
         """The core method's keyword arguments for the candidate ``hp``: its grid values (the statistics keys
-        replaced by the statistics they choose), plus the method's fixed options from the settings."""
+        replaced by the statistics they choose), plus the method's fixed options from the settings (and the seed
+        for methods that draw random numbers)."""
         s, base = self.settings, self.settings.base_method
         kwargs: dict = {}
         for key, value in hp.items():
-            if key == "weight_mask_rate":
-                continue
+            if key == "weight_mask_rate" and s.is_dare:
+                continue  # the DARE pre-step's rate, not the method's
             if key in STATISTICS_KEYS:
                 keyword = STATISTICS_KEYS[key][1]
                 kwargs[keyword] = [
@@ -498,6 +570,11 @@ class TaskMerger:
                 kwargs[key] = float(value) if isinstance(value, int | float) else value
         for keyword, attribute in METHOD_OPTIONS.get(base, {}).items():
             kwargs[keyword] = getattr(s, attribute)
+        for keyword in METHOD_OPTION_KEYS.get(base, ()):
+            if keyword in s.method_options:
+                kwargs[keyword] = s.method_options[keyword]
+        if base in RANDOM_METHODS:
+            kwargs["seed"] = s.seed
         return kwargs
 
     def merge(self, hp: dict) -> dict[str, torch.Tensor]:
