@@ -83,11 +83,11 @@ SIZES: dict[str, StorySize] = {
         pretrain_steps=1200, pretrain_batch_size=64, pretrain_lr=2e-3, pretrain_block=64, pair_repeats=2,
         learning_rate=5e-4, epochs={"sst2": 1, "cola": 3, "stsb": 4, "mnli": 2},
         max_train_samples={"sst2": 12000, "cola": None, "stsb": None, "mnli": None},
-        max_eval_samples=400, batch_size=32, max_seq_length=128,
-        merge_grids={"scaling_coefficient": [0.3, 0.5, 0.7, 1.0], "param_value_mask_rate": [0.8],
+        max_eval_samples=500, batch_size=32, max_seq_length=64,
+        merge_grids={"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8],
                      "fisher_scaling_coefficients": [1.0], "nums_fisher_examples": [256],
-                     "nums_regmean_examples": [256], "reduce_non_diagonal_ratio": [0.7, 0.9],
-                     "weight_mask_rate": [0.5, 0.9]},
+                     "nums_regmean_examples": [256], "reduce_non_diagonal_ratio": [0.9],
+                     "weight_mask_rate": [0.5, 0.9], "slerp_t": [0.5], "tall_mask_lambda": [0.4]},
     ),
     "ci": StorySize(
         tasks=("sst2", "cola", "stsb", "mnli"),
@@ -98,7 +98,8 @@ SIZES: dict[str, StorySize] = {
         max_eval_samples=32, batch_size=16, max_seq_length=64, dare_seeds=(0,),
         merge_grids={"scaling_coefficient": [0.5], "param_value_mask_rate": [0.8],
                      "fisher_scaling_coefficients": [1.0], "nums_fisher_examples": [16],
-                     "nums_regmean_examples": [16], "reduce_non_diagonal_ratio": [0.9], "weight_mask_rate": [0.5]},
+                     "nums_regmean_examples": [16], "reduce_non_diagonal_ratio": [0.9], "weight_mask_rate": [0.5],
+                     "slerp_t": [0.5], "tall_mask_lambda": [0.4]},
         merge_max_train_samples=32,
     ),
 }  # fmt: skip
@@ -268,7 +269,7 @@ def pretrain_encoder(size: StorySize, glue_dir: Path, out: Path, seed: int) -> d
         sched.step()
         opt.zero_grad()
         if step % 100 == 0 or step == steps - 1:
-            losses.append([step, round(float(loss), 4)])
+            losses.append([step, round(loss.item(), 4)])
             logger.info(
                 "pre-training step %d/%d: MLM loss %.3f (%.0f s)",
                 step + 1,
@@ -326,7 +327,7 @@ class Story:
         root.setLevel(logging.WARNING)
         hf_logging.disable_progress_bar()
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                 return fn(argv)
         finally:
             root.setLevel(level)
@@ -424,12 +425,20 @@ class Story:
         return records
 
     # ---------------------------------------------------------------------------------------- 5
-    def methods(self) -> list[tuple[str, str | None]]:
-        """(merging_method_name, mask_apply_method): every plain method of the merge script, then DARE + each."""
-        from utils.glue_merging import METHODS
+    def methods(self, num_models: int) -> list[tuple[str, str | None]]:
+        """(merging_method_name, mask_apply_method): every plain method of the merge script that can merge
+        ``num_models`` models, then DARE + each that takes DARE as a pre-step."""
+        from utils.glue_merging import DARE_METHODS, METHODS, check_num_models
 
-        plain = [m for m in METHODS if m != "mask_merging"]
-        return [(m, None) for m in plain] + [("mask_merging", m) for m in plain]
+        def fits(method: str) -> bool:
+            try:
+                check_num_models(method, num_models)
+            except UserError:
+                return False
+            return True
+
+        plain = [m for m in METHODS if m != "mask_merging" and fits(m)]
+        return [(m, None) for m in plain] + [("mask_merging", m) for m in plain if m in DARE_METHODS]
 
     def merge_argv(self, method: str, apply: str | None, mode: str) -> list[str]:
         from utils.glue_merging import METHOD_GRID_KEYS
@@ -455,7 +464,7 @@ class Story:
         from utils.glue_merging import result_path
 
         out = []
-        for method, apply in self.methods():
+        for method, apply in self.methods(len(self.size.tasks) if mode == "all" else 2):
             argv = self.merge_argv(method, apply, mode)
             settings = merge_plms_glue.settings_from_args(merge_plms_glue.parse_args(argv))
             results_dir = self.run / "merge_results"
