@@ -22,20 +22,22 @@ from typing import Any
 
 import torch
 
+from model_merging_methods import rng
+from model_merging_methods.devices import resolve_device
 from model_merging_methods.errors import MergeError
 from model_merging_methods.mask_weights_utils import (
     check_same_parameters,
     compute_dtype,
+    dare_values,
     is_excluded,
-    mask_input_with_mask_rate,
     mask_tensor,
-    tensor_generator,
 )
 from model_merging_methods.planning import TensorPlan
 from model_merging_methods.registry import MergeMethod, TensorContext, get_method
 from model_merging_methods.threads import default_workers, torch_threads  # noqa: F401 - re-exported
 
 StateDict = dict[str, torch.Tensor]
+DEVICE_BLOCK_ELEMENTS = 1 << 24  # elements per row block per model off the CPU (fewer, larger kernel launches)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,18 +50,6 @@ def progress(total: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=None if enabled else True, leave=False)
-
-
-def rand_is_block_consistent() -> bool:
-    """True when CPU ``torch.rand`` drawn in consecutive blocks from one generator equals one whole draw."""
-    g = torch.Generator().manual_seed(12345)
-    whole = torch.rand(1000, generator=g)
-    g = torch.Generator().manual_seed(12345)
-    parts = torch.cat([torch.rand(n, generator=g) for n in (1, 16, 17, 333, 633)])
-    return torch.equal(whole, parts)
-
-
-RAND_BLOCKS_OK = rand_is_block_consistent()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,40 +84,36 @@ class Dare:
 
 class MaskedBlocks:
     """Row blocks of a model after DARE (as ``mask_merging`` stores them: cast back to the model's dtype and upcast
-    again for the method that follows), drawing the random mask block after block from one generator."""
+    again for the method that follows). Random DARE draws each block's keep decisions from the counter-based
+    generator at the block's flat position, so blocks may come in any order, on any thread and device; magnitude
+    DARE needs the whole tensor."""
 
     def __init__(self, dare: Dare | None, base: int | None, plan: TensorPlan):
         self.dare, self.base, self.plan = dare, base, plan
-        self.generators: dict[int, torch.Generator] = {}
 
     def whole(self) -> bool:
-        """Magnitude DARE needs the whole tensor; so does random DARE if rand is not block-consistent."""
+        """Magnitude DARE ranks the whole tensor."""
         d = self.dare
         if d is None or self.plan.excluded or not any(d.active(m) for m in d.rates):
             return False
-        return d.strategy == "magnitude" or not RAND_BLOCKS_OK
+        return d.strategy == "magnitude"
 
-    def get(self, m: int, x: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
-        """Model m's block after DARE; ``x`` and ``pre`` are the upcast blocks of model m and the base."""
+    def get(self, m: int, x: torch.Tensor, pre: torch.Tensor | None, r0: int = 0) -> torch.Tensor:
+        """Model m's block of rows ``r0..`` after DARE; ``x`` and ``pre`` are the upcast blocks of model m and the
+        base (on the executor's device)."""
         d, plan = self.dare, self.plan
         if d is None or plan.excluded or not d.active(m):
             return x
         stored = plan.dtypes[m]
-        if d.strategy == "magnitude" or not RAND_BLOCKS_OK:  # whole tensor: call the core directly
+        if d.strategy == "magnitude":  # whole tensor: call the core directly
             out = mask_tensor(
                 plan.name, x.to(stored), None if pre is None else pre.to(plan.dtypes[self.base]),
                 weight_format=d.weight_format, weight_mask_rate=d.rates[m], use_weight_rescale=d.use_rescale,
                 mask_strategy=d.strategy, seed=d.seed, model_index=d.model_index[m],
             )  # fmt: skip
             return out.to(compute_dtype(stored))
-        g = self.generators.get(m)
-        if g is None:
-            g = self.generators[m] = tensor_generator(d.seed, plan.name, d.model_index[m])
-        # the body of mask_tensor, with the generator carried over from the previous block
-        if d.weight_format == "finetuned_weight":
-            out = mask_input_with_mask_rate(x, d.rates[m], d.use_rescale, "random", g)
-        else:
-            out = pre + mask_input_with_mask_rate(x - pre, d.rates[m], d.use_rescale, "random", g)
+        stream = rng.Stream(d.seed, plan.name, d.model_index[m], start=r0 * plan.row_size)
+        out = dare_values(x, pre, d.rates[m], d.use_rescale, d.weight_format, stream)
         return out.to(stored).to(compute_dtype(stored))
 
 
@@ -144,24 +130,57 @@ class Executor:
     """Runs passes over a source's aligned tensors and writes the output tensors to a sink.
 
     Work is spread over ``workers`` threads one whole tensor at a time (every torch op runs on one thread; the ops
-    release the GIL). A tensor's blocks are always processed in order by one thread, so the DARE generators and
-    therefore the bytes do not depend on the number of workers; results go straight to their place in the output.
+    release the GIL); results go straight to their place in the output. Every block's DARE draws depend on its
+    position only, so the bytes do not depend on the number of workers or the block size.
+
+    ``device``: where the arithmetic runs (default: the CPU). Blocks are read on the CPU, moved to the device in
+    their stored dtype and upcast there (in blocks of :data:`DEVICE_BLOCK_ELEMENTS` elements off the CPU); the
+    results come back to the CPU for a sink that writes files.
     """
 
-    def __init__(self, source, sink, base: int | None = 0, workers: int = 1, show_progress: bool = True):
+    def __init__(
+        self,
+        source,
+        sink,
+        base: int | None = 0,
+        workers: int = 1,
+        show_progress: bool = True,
+        device: torch.device | str | None = None,
+    ):
         self.source, self.sink, self.base = source, sink, base
         self.workers = max(1, int(workers))
         self.show_progress = show_progress
+        self.device = resolve_device(device)
         self.stop = threading.Event()  # set when one worker fails or the run is interrupted: the others stop
 
     @property
     def plans(self) -> list[TensorPlan]:
         return list(self.source.plans.values())
 
+    def row_blocks(self, plan: TensorPlan, whole: bool = False) -> list[tuple[int, int]]:
+        """The row ranges a tensor is processed in: the plan's blocks on the CPU, larger ones on other devices."""
+        if whole or self.device.type == "cpu" or not plan.shape:
+            return plan.blocks(whole=whole)
+        rows = plan.shape[0]
+        step = max(1, DEVICE_BLOCK_ELEMENTS // max(1, plan.row_size))
+        return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, rows)]
+
+    def _block(self, m: int, plan: TensorPlan, r0: int, r1: int) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return self.source.block(m, plan, r0, r1)
+        x = self.source.block(m, plan, r0, r1, upcast=False).to(self.device)  # moved in its stored dtype
+        return x.to(compute_dtype(x.dtype)) if plan.is_float else x
+
     def blocks_for(
-        self, plan: TensorPlan, models: Sequence[int], dare: Dare | None, whole: bool = False
+        self,
+        plan: TensorPlan,
+        models: Sequence[int],
+        dare: Dare | None,
+        whole: bool = False,
+        rows: Sequence[tuple[int, int]] | None = None,
     ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-        """For each row block ``(r0, r1)``: the upcast (and DARE-masked where set) blocks of ``models``."""
+        """For each row block ``(r0, r1)`` (``rows``, default: every block of the tensor): the upcast (and
+        DARE-masked where set) blocks of ``models``, on the executor's device."""
         masked = MaskedBlocks(dare, self.base, plan)
         need_base = self.base in models or (
             dare is not None
@@ -170,12 +189,15 @@ class Executor:
             and any(dare.active(m) for m in models)
         )
         wanted = list(dict.fromkeys([self.base, *models] if need_base else models))
-        for r0, r1 in plan.blocks(whole=whole or masked.whole()):
+        whole = whole or masked.whole()
+        if rows is None or whole:
+            rows = self.row_blocks(plan, whole)
+        for r0, r1 in rows:
             if self.stop.is_set():
                 raise Cancelled
-            xs = {m: self.source.block(m, plan, r0, r1) for m in wanted}
+            xs = {m: self._block(m, plan, r0, r1) for m in wanted}
             pre = xs.get(self.base)
-            yield r0, r1, [xs[m] if m == self.base else masked.get(m, xs[m], pre) for m in models]
+            yield r0, r1, [xs[m] if m == self.base else masked.get(m, xs[m], pre, r0) for m in models]
 
     def map_tensors(
         self, plans: Sequence[TensorPlan], fn: Callable[[TensorPlan], Any], desc: str
@@ -262,9 +284,15 @@ class Executor:
         """Write a tensor's consecutive row blocks (cast to the output dtype) at their place in the output."""
         offset = 0
         for out in blocks:
-            out = out.to(plan.out_dtype)
+            out = self.to_sink(out.to(plan.out_dtype))
             self.sink.write_at(plan.name, offset, out)
             offset += out.numel() * out.element_size()
+
+    def to_sink(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the CPU, unless the sink takes tensors on any device (the in-memory sink)."""
+        if tensor.device.type == "cpu" or getattr(self.sink, "accepts_device_tensors", False):
+            return tensor
+        return tensor.cpu()
 
     def copy(self, plan: TensorPlan, source: int) -> None:
         """Write model ``source``'s tensor unchanged (excluded or non-float tensors), cast to the output dtype."""
@@ -429,6 +457,8 @@ class DictSource:
 class DictSink:
     """Collects the output tensors in memory (allocated on the device of the model each one's dtype comes from)."""
 
+    accepts_device_tensors = True
+
     def __init__(self, source: DictSource, device_from: int):
         self.source, self.device_from = source, device_from
         self.out: StateDict = {}
@@ -463,11 +493,14 @@ def merge_in_memory(
     dare: Dare | None = None,
     seed: int = 0,
     data: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
+    device: torch.device | str | None = None,
     **params: Any,
 ) -> StateDict:
     """Merge state dicts with a registered method (and an optional DARE pre-step); returns a new state dict.
     Excluded parameters (``re.match``) and non-float tensors come from the pre-trained model (from the first model
-    for methods without one); every other tensor is the kernel's result in that model's dtype."""
+    for methods without one); every other tensor is the kernel's result in that model's dtype. ``device`` is where
+    the arithmetic runs, a block at a time (default: the CPU; the inputs may stay on the CPU); the results are on
+    the device of the model each one's dtype comes from."""
     method = get_method(method) if isinstance(method, str) else method
     if len(models_to_merge) == 0:
         raise MergeError("no models given (the list of models to merge is empty)")
@@ -486,7 +519,7 @@ def merge_in_memory(
     source = DictSource([base_model, *models_to_merge], labels, exclude_param_names_regex, dtype_from)
     sink = DictSink(source, dtype_from)
     executor = Executor(
-        source, sink, base=0 if base_model is not None else None, workers=1, show_progress=False
+        source, sink, base=0 if base_model is not None else None, workers=1, show_progress=False, device=device
     )
     fts = list(range(1, len(models_to_merge) + 1))
     if executor.base is None and method.copy_from == "base":  # pragma: no cover - guarded above

@@ -12,7 +12,8 @@ versions, NEP 19). On other devices (CUDA) the same rounds run as int64 tensor o
 64 × 64 → 128-bit products computed from 32-bit limbs), which the tests check bit for bit against NumPy on the CPU.
 
 * DARE keeps element j when word_j ≥ T(p) = ceil(p · 2^32): P(drop) = T / 2^32, within 2^-32 of p; p = 0 drops
-  nothing and p = 1 everything (:func:`keep_mask`).
+  nothing and p = 1 everything (:func:`keep_mask`; :func:`keep_bits` gives the same decisions as an all-ones /
+  all-zeros integer mask, ready to be ANDed with a float's bits).
 * Uniform floats keep the top 24 bits: u_j = (word_j >> 8) / 2^24, exact in float32, in [0, 1) (:func:`uniform`).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -155,3 +157,63 @@ def uniform(
         top = (_words_numpy(key, start, count) >> 8).astype(np.float32)
         return torch.from_numpy(top * np.float32(1.0 / (1 << 24)))
     return (_shr(_words_torch(key, start, count, device), 8)).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def keep_bits(
+    seed: int,
+    name: str,
+    model_index: int | None,
+    start: int,
+    count: int,
+    p: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """:func:`keep_mask` as an integer mask of ``dtype`` (int32 for float32 data, int64 for float64): −1 (all bits
+    set) where the element is kept, 0 where it is dropped. ``mask & x.view(dtype)`` is ``torch.where(keep, x, +0.0)``
+    bit for bit. On the CPU the comparison and the widening run in NumPy right after the draw (two passes)."""
+    threshold = drop_threshold(p)
+    device = torch.device(device)
+    if threshold == 0:
+        return torch.full((count,), -1, dtype=dtype, device=device)
+    if threshold >= 1 << 32:
+        return torch.zeros(count, dtype=dtype, device=device)
+    key = stream_key(seed, name, model_index)
+    if device.type == "cpu":
+        drop = np.less(_words_numpy(key, start, count), threshold).view(np.uint8)  # 1 = dropped
+        npdtype = np.int32 if dtype == torch.int32 else np.int64
+        return torch.from_numpy(np.subtract(drop, np.uint8(1), dtype=npdtype))  # 0 - 1 = -1 where kept
+    return _keep_bits_torch(key, start, count, threshold, device, dtype)
+
+
+def _keep_bits_torch(
+    key: tuple[int, int], start: int, count: int, threshold: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The tensor-op path of :func:`keep_bits` (every device but the CPU; the tests run it on the CPU)."""
+    return (_words_torch(key, start, count, device) >= threshold).to(dtype).neg_()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where a tensor's (or a block's) draws come from: element j of the tensor it is applied to is element
+    ``start + j`` of the stream of ``(seed, model_index, name)``. A block of rows r0.. of a tensor with rows of
+    ``row_size`` elements has ``start = r0 · row_size``."""
+
+    seed: int
+    name: str
+    model_index: int | None = None
+    start: int = 0
+
+    def keep_bits(
+        self, offset: int, count: int, p: float, device: torch.device | str = "cpu", dtype=torch.int32
+    ) -> torch.Tensor:
+        """:func:`keep_bits` for elements ``offset .. offset + count - 1`` of the tensor this stream is applied to."""
+        return keep_bits(self.seed, self.name, self.model_index, self.start + offset, count, p, device, dtype)
+
+    def keep_mask(self, offset: int, count: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+        return keep_mask(self.seed, self.name, self.model_index, self.start + offset, count, p, device)
+
+
+def describe() -> dict[str, object]:
+    """The generator's name and version, as recorded in ``merge_manifest.json``."""
+    return {"name": GENERATOR, "version": GENERATOR_VERSION}

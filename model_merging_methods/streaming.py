@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from model_merging_methods.engine import RAND_BLOCKS_OK, Dare, Executor, execute
+from model_merging_methods.engine import Dare, Executor, execute
 from model_merging_methods.errors import MergeError
 from model_merging_methods.mask_weights_utils import MASK_STRATEGIES, WEIGHT_FORMATS
 from model_merging_methods.paths import guard_outputs
@@ -384,7 +384,7 @@ def stream_mask_model(
 
     def body(engine: Executor) -> dict[str, Any]:
         engine.elementwise([0, 1], lambda plan, xs: xs[1], dare, copy_from=1, desc="DARE")
-        return {"rand_block_consistent": RAND_BLOCKS_OK}
+        return {}
 
     return _run(
         kind="dare", paths=[pretrained, finetuned], labels=[f"pretrained {pretrained}", f"finetuned {finetuned}"],

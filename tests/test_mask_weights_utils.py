@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from model_merging_methods import rng
 from model_merging_methods.mask_weights_utils import (
     mask_input_with_mask_rate,
     mask_model_weights,
     mask_tensor,
     stable_seed,
-    tensor_generator,
 )
 
 
@@ -27,7 +27,7 @@ def _model(seed: int, shapes=None, scale: float = 1.0) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9, 0.99])
 def test_random_drop_fraction_is_binomial_and_survivors_are_exact(rate):
     x = torch.randn(200_000, generator=torch.Generator().manual_seed(1))
-    out = mask_input_with_mask_rate(x, rate, True, "random", tensor_generator(3, "w"))
+    out = mask_input_with_mask_rate(x, rate, True, "random", rng.Stream(3, "w"))
     kept = (out != 0).numpy()
     n = x.numel()
     dropped = n - kept.sum()
@@ -40,7 +40,7 @@ def test_random_drop_fraction_is_binomial_and_survivors_are_exact(rate):
 
 def test_drop_only_keeps_survivors_unchanged():
     x = torch.randn(1000)
-    out = mask_input_with_mask_rate(x, 0.7, False, "random", tensor_generator(0, "w"))
+    out = mask_input_with_mask_rate(x, 0.7, False, "random", rng.Stream(0, "w"))
     kept = out != 0
     assert torch.equal(out[kept], x[kept])
 
@@ -48,7 +48,7 @@ def test_drop_only_keeps_survivors_unchanged():
 def test_expectation_of_dare_is_identity():
     x = torch.randn(64, generator=torch.Generator().manual_seed(0))
     draws = torch.stack(
-        [mask_input_with_mask_rate(x, 0.6, True, "random", tensor_generator(s, "w")) for s in range(4000)]
+        [mask_input_with_mask_rate(x, 0.6, True, "random", rng.Stream(s, "w")) for s in range(4000)]
     )
     # E[DARE(x)] = x; the standard error of the mean is |x| sqrt(p/(1-p)) / sqrt(n)
     stderr = x.abs() * np.sqrt(0.6 / 0.4) / np.sqrt(4000)
@@ -62,9 +62,9 @@ def test_rate_bounds_and_edge_rates():
             mask_input_with_mask_rate(x, bad, True, "random")
     with pytest.raises(ValueError, match="mask_strategy"):
         mask_input_with_mask_rate(x, 0.5, True, "banana")
-    assert torch.equal(mask_input_with_mask_rate(x, 0.0, True, "random", tensor_generator(0, "a")), x)
+    assert torch.equal(mask_input_with_mask_rate(x, 0.0, True, "random", rng.Stream(0, "a")), x)
     assert torch.equal(
-        mask_input_with_mask_rate(x, 1.0, True, "random", tensor_generator(0, "a")), torch.zeros(10, 10)
+        mask_input_with_mask_rate(x, 1.0, True, "random", rng.Stream(0, "a")), torch.zeros(10, 10)
     )
     assert torch.equal(mask_input_with_mask_rate(x, 1.0, True, "magnitude"), torch.zeros(10, 10))
 
@@ -86,10 +86,9 @@ def test_mask_model_weights_delta_and_finetuned_formats():
     pre, ft = _model(0), _model(1)
     out = mask_model_weights(ft, pre, "delta_weight", 0.5, True, "random", seed=7)
     for n in pre:
-        gen = tensor_generator(7, n)
-        u = torch.rand(pre[n].shape, generator=gen)
+        keep = rng.keep_mask(7, n, None, 0, pre[n].numel(), 0.5).reshape(pre[n].shape)
         delta = ft[n] - pre[n]
-        ref = pre[n] + torch.where(u >= 0.5, delta, torch.zeros(())) / torch.tensor(0.5)
+        ref = pre[n] + torch.where(keep, delta, torch.zeros(())) / torch.tensor(0.5)
         torch.testing.assert_close(out[n], ref, rtol=0, atol=1e-6)
     out = mask_model_weights(ft, None, "finetuned_weight", 0.5, True, "random", seed=7)
     for n in ft:
@@ -149,9 +148,9 @@ def test_bfloat16_in_bfloat16_out_with_float32_math():
     ft = {n: (t + 0.01 * torch.randn_like(t)).to(torch.bfloat16) for n, t in _model(0).items()}
     out = mask_tensor("layer.0.w", ft["layer.0.w"], pre["layer.0.w"], weight_mask_rate=0.5, seed=1)
     assert out.dtype == torch.bfloat16
-    u = torch.rand(pre["layer.0.w"].shape, generator=tensor_generator(1, "layer.0.w"))
+    keep = rng.keep_mask(1, "layer.0.w", None, 0, pre["layer.0.w"].numel(), 0.5).reshape(pre["layer.0.w"].shape)
     delta = ft["layer.0.w"].float() - pre["layer.0.w"].float()
-    ref = (pre["layer.0.w"].float() + torch.where(u >= 0.5, delta, torch.zeros(())) / 0.5).to(torch.bfloat16)
+    ref = (pre["layer.0.w"].float() + torch.where(keep, delta, torch.zeros(())) / 0.5).to(torch.bfloat16)
     assert torch.equal(out, ref)
 
 
