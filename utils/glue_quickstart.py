@@ -274,7 +274,7 @@ def pretrain_encoder(size: StorySize, glue_dir: Path, out: Path, seed: int) -> d
                 "pre-training step %d/%d: MLM loss %.3f (%.0f s)",
                 step + 1,
                 steps,
-                float(loss),
+                losses[-1][1],
                 time.time() - t0,
             )
     torch.manual_seed(seed + 1)
@@ -356,6 +356,7 @@ class Story:
         from utils.glue_paths import save_model_name
 
         results = {}
+        self.cached["fine-tuning"] = True
         for task in self.size.tasks:
             name = save_model_name(str(self.base), self.size.learning_rate)
             done = (self.models / task / name / "trainer_state.json").is_file()
@@ -369,6 +370,7 @@ class Story:
             if self.size.max_train_samples.get(task):
                 argv += ["--max_train_samples", str(self.size.max_train_samples[task])]
             logger.info("fine-tuning %s (%d epochs)", task, self.size.epochs[task])
+            self.cached["fine-tuning"] = False
             results[task] = self._quiet(train_plms_glue.main, argv)[0]
         return results
 
@@ -399,6 +401,7 @@ class Story:
 
         variants = [("DARE", r, True, "random") for r in self.size.dare_rates] + list(ABLATIONS)
         records = []
+        self.cached["DARE sweep"] = True
         for label, rate, rescale, strategy in variants:
             seeds = (
                 self.size.dare_seeds if (rate > 0 and strategy == "random") else (self.size.dare_seeds[0],)
@@ -418,6 +421,7 @@ class Story:
                 if all(f.is_file() for f in files.values()):
                     metrics = [json.loads(f.read_text()) for f in files.values()]
                 else:
+                    self.cached["DARE sweep"] = False
                     metrics = self._quiet(inference_plms_glue.main, argv)
                 for task, m in zip(self.size.tasks, metrics):
                     records.append({"task": task, "variant": "fine-tuned" if rate == 0 else label, "rate": rate,
@@ -464,6 +468,8 @@ class Story:
         from utils.glue_merging import result_path
 
         out = []
+        stage = f"{mode} merges"
+        self.cached[stage] = True
         for method, apply in self.methods(len(self.size.tasks) if mode == "all" else 2):
             argv = self.merge_argv(method, apply, mode)
             settings = merge_plms_glue.settings_from_args(merge_plms_glue.parse_args(argv))
@@ -479,6 +485,7 @@ class Story:
                 results = [json.loads(f.read_text()) for f in files]
             else:
                 logger.info("merging (%s): %s%s", mode, method, f" + {apply}" if apply else "")
+                self.cached[stage] = False
                 results = self._quiet(merge_plms_glue.main, argv)
             label = f"DARE + {apply}" if apply else method
             for r in results:
