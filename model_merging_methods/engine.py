@@ -67,6 +67,12 @@ class Dare:
     weight_format: str
     seed: int
     model_index: dict[int, int | None]
+    # how survivors are rescaled when use_rescale: "inverse" divides by 1 − p; "l1" multiplies the masked tensor by
+    # ‖x‖₁ / ‖m⊙x‖₁ (mergekit's DARE; x the delta, or the weights with finetuned_weight), needing whole tensors
+    rescale_rule: str = "inverse"
+
+    def l1(self) -> bool:
+        return self.use_rescale and self.rescale_rule == "l1"
 
     def active(self, m: int) -> bool:
         return self.rates.get(m, 0.0) != 0.0
@@ -92,11 +98,11 @@ class MaskedBlocks:
         self.dare, self.base, self.plan = dare, base, plan
 
     def whole(self) -> bool:
-        """Magnitude DARE ranks the whole tensor."""
+        """Magnitude DARE ranks the whole tensor; the L1 rescale needs the whole tensor's norms."""
         d = self.dare
         if d is None or self.plan.excluded or not any(d.active(m) for m in d.rates):
             return False
-        return d.strategy == "magnitude"
+        return d.strategy == "magnitude" or d.l1()
 
     def get(self, m: int, x: torch.Tensor, pre: torch.Tensor | None, r0: int = 0) -> torch.Tensor:
         """Model m's block of rows ``r0..`` after DARE; ``x`` and ``pre`` are the upcast blocks of model m and the
@@ -105,6 +111,18 @@ class MaskedBlocks:
         if d is None or plan.excluded or not d.active(m):
             return x
         stored = plan.dtypes[m]
+        if d.l1():  # whole tensor: mask without rescale, then match the L1 norm (mergekit's rescale)
+            from model_merging_methods.sparsify import l1_rescale
+
+            x_in = x if d.weight_format == "finetuned_weight" else x - pre
+            masked = mask_tensor(
+                plan.name, x_in, None, weight_format="finetuned_weight", weight_mask_rate=d.rates[m],
+                use_weight_rescale=False, mask_strategy=d.strategy, seed=d.seed, model_index=d.model_index[m],
+                device=x_in.device,
+            )  # fmt: skip
+            out = l1_rescale(x_in, masked)
+            out = out if d.weight_format == "finetuned_weight" else pre + out
+            return out.to(stored).to(compute_dtype(stored))
         if d.strategy == "magnitude":  # whole tensor: call the core directly
             out = mask_tensor(
                 plan.name, x.to(stored), None if pre is None else pre.to(plan.dtypes[self.base]),
@@ -333,11 +351,20 @@ class StatisticsView:
     factories of block iterators (each call is one pass over the inputs, blocks in any order)."""
 
     def __init__(
-        self, executor: Executor, fts: Sequence[int], dare: Dare | None, data: Mapping[str, Sequence] | None
+        self,
+        executor: Executor,
+        fts: Sequence[int],
+        dare: Dare | None,
+        data: Mapping[str, Sequence] | None,
+        dare_for: Callable[[str], Dare | None] | None = None,
     ):
         self.executor, self.fts, self.dare = executor, list(fts), dare
         self.plans = [p for p in executor.plans if p.is_float and not p.excluded]
         self.data = dict(data or {})
+        self.dare_for = dare_for  # per-tensor DARE settings (default: ``dare`` for every tensor)
+
+    def _dare(self, plan: TensorPlan) -> Dare | None:
+        return self.dare_for(plan.name) if self.dare_for is not None else self.dare
 
     @property
     def num_models(self) -> int:
@@ -353,7 +380,7 @@ class StatisticsView:
         ex, m = self.executor, self.fts[i]
 
         def produce(plan: TensorPlan) -> Iterator[torch.Tensor]:
-            for _, _, (pre, x) in ex.blocks_for(plan, [ex.base, m], self.dare):
+            for _, _, (pre, x) in ex.blocks_for(plan, [ex.base, m], self._dare(plan)):
                 yield x - pre
 
         return lambda: ex.stream_unordered(plans if plans is not None else self.plans, produce)
@@ -363,7 +390,7 @@ class StatisticsView:
         ex = self.executor
 
         def produce(plan: TensorPlan) -> Iterator[tuple]:
-            for _, _, (pre, *xs) in ex.blocks_for(plan, [ex.base, *self.fts], self.dare):
+            for _, _, (pre, *xs) in ex.blocks_for(plan, [ex.base, *self.fts], self._dare(plan)):
                 yield plan, pre, xs
 
         return lambda: ex.stream_unordered(plans if plans is not None else self.plans, produce)
@@ -378,17 +405,29 @@ def execute(
     *,
     seed: int = 0,
     data: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
+    params_for: Callable[[str], Mapping[str, Any]] | None = None,
+    dare_for: Callable[[str], Dare | None] | None = None,
 ) -> dict[str, Any]:
     """Merge models ``fts`` (executor indices) with ``method`` into the executor's sink; returns the method's
-    details for the manifest (its model-wide statistics, when JSON-able)."""
+    details for the manifest (its model-wide statistics, when JSON-able).
+
+    Per-tensor settings (mergekit's gradients and filters): ``params_for(name)`` gives the validated parameters of
+    tensor ``name`` (default: ``params`` for every tensor) and ``dare_for(name)`` its DARE pre-step (default:
+    ``dare``). A method whose scope needs model-wide statistics (TIES's global trim) refuses per-tensor parameters."""
     fts = list(fts)
     if method.needs_base and executor.base is None:
         raise MergeError(f"{method.name} needs the pretrained model")
     copy_from = executor.base if method.copy_from == "base" else fts[0]
+    if params_for is not None:
+        for plan in executor.plans:
+            if plan.is_float and not plan.excluded and method.scope_for(params_for(plan.name)) == "model":
+                raise MergeError(
+                    f"{method.name} with these parameters needs model-wide statistics, so its parameters cannot vary "
+                    f"per tensor (tensor {plan.name})"
+                )
     stats = None
     if method.model_statistics is not None:
-        stats = method.model_statistics(params, StatisticsView(executor, fts, dare, data))
-    whole = method.scope_for(params) == "tensor"
+        stats = method.model_statistics(params, StatisticsView(executor, fts, dare, data, dare_for))
     models = [executor.base, *fts] if method.needs_base else fts
     indices = tuple(m - 1 for m in fts)
     data = data or {}
@@ -397,13 +436,16 @@ def execute(
         if plan.excluded or not plan.is_float:
             executor.copy(plan, copy_from)
             return
+        tensor_params = params_for(plan.name) if params_for is not None else params
+        tensor_dare = dare_for(plan.name) if dare_for is not None else dare
+        whole = method.scope_for(tensor_params) == "tensor"
         tensor_data = {k: [d.get(plan.name) for d in v] for k, v in data.items()}
 
         def outs() -> Iterator[torch.Tensor]:
-            for r0, _, xs in executor.blocks_for(plan, models, dare, whole=whole):
+            for r0, _, xs in executor.blocks_for(plan, models, tensor_dare, whole=whole):
                 ctx = TensorContext(plan.name, plan.shape, r0, indices, seed, stats, tensor_data)
                 base, tensors = (xs[0], xs[1:]) if method.needs_base else (None, xs)
-                yield method.kernel(base, tensors, params, ctx)
+                yield method.kernel(base, tensors, tensor_params, ctx)
 
         executor.write_blocks(plan, outs())
 

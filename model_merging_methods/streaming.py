@@ -24,11 +24,12 @@ import importlib.metadata
 import logging
 import os
 import platform
+import re
 import resource
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,10 @@ from model_merging_methods.writer import (
 )
 
 __all__ = [
+    "DARE_RESCALE_RULES",
     "DareSettings",
     "OutputOptions",
+    "PerTensorSettings",
     "VOCAB_POLICIES",
     "merge_checkpoints",
     "pad_rows_with_mean",
@@ -213,6 +216,8 @@ def _run(
     dtype_from: int,
     stats_models: list[int] | None,
     body: Callable[[Executor], dict[str, Any]],
+    extra_files: Mapping[str, str] | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check everything, open the inputs, run ``body`` on an engine writing into a temporary folder, add the side
     files and the manifest, and publish the folder at ``output_path`` (see :mod:`model_merging_methods.publish`).
@@ -280,6 +285,10 @@ def _run(
                 side_folder, tmp, config_updates=cfg_updates, vocab_size=inputs.vocab_rows,
                 pad_token=pad_token if inputs.vocab_policy == "pad_mean" else None,
             )  # fmt: skip
+            for file_name, text in (extra_files or {}).items():
+                if os.path.lexists(tmp / file_name):
+                    raise MergeError(f"the extra file {file_name} would replace a file of the merged model")
+                (tmp / file_name).write_text(text, encoding="utf-8")
             wall = time.time() - start
             manifest = {
                 "tool": "dare-merging-toolkit streaming engine",
@@ -318,6 +327,7 @@ def _run(
                 "warnings": warnings,
                 "housekeeping": housekeeping,
                 "method_details": extra,
+                **dict(manifest_extra or {}),
                 "versions": _versions(),
                 "worker_threads": workers,
                 "bytes_read": inputs.bytes_read,
@@ -435,6 +445,9 @@ def stream_recover_from_delta(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+DARE_RESCALE_RULES = ("inverse", "l1")
+
+
 @dataclass(frozen=True)
 class DareSettings:
     """The DARE pre-step of a merge: one drop rate for every model or one per model, rescaling, strategy, what is
@@ -445,19 +458,41 @@ class DareSettings:
     mask_strategy: str = "random"
     weight_format: str = "delta_weight"
     seed: int = 0
+    # with use_weight_rescale: "inverse" divides survivors by 1 − p (the paper's); "l1" multiplies each masked tensor
+    # by ‖δ‖₁ / ‖m⊙δ‖₁ (mergekit's DARE)
+    rescale_rule: str = "inverse"
 
     def checked(self, num_models: int) -> Dare:
         rates = per_model("weight_mask_rate", self.weight_mask_rates, num_models, check_rate)
         _check_dare(self.weight_format, self.mask_strategy)
-        return Dare.for_models(
+        if self.rescale_rule not in DARE_RESCALE_RULES:
+            raise MergeError(
+                f"rescale_rule must be one of {', '.join(DARE_RESCALE_RULES)}; got {self.rescale_rule!r}"
+            )
+        dare = Dare.for_models(
             rates, bool(self.use_weight_rescale), self.mask_strategy, self.weight_format, int(self.seed)
         )
+        return replace(dare, rescale_rule=self.rescale_rule) if self.rescale_rule != "inverse" else dare
 
     def as_dict(self, rates: Sequence[float]) -> dict[str, Any]:
-        return dict(
+        out = dict(
             weight_mask_rates=list(rates), use_weight_rescale=bool(self.use_weight_rescale),
             mask_strategy=self.mask_strategy, weight_format=self.weight_format, seed=int(self.seed),
         )  # fmt: skip
+        if self.rescale_rule != "inverse":
+            out["rescale_rule"] = self.rescale_rule
+        return out
+
+
+@dataclass(frozen=True)
+class PerTensorSettings:
+    """Values that vary per tensor (mergekit's gradients and filters): ``params(name)`` gives the method parameters
+    of tensor ``name`` (unvalidated, like ``params`` of :func:`merge_checkpoints`; default: those for every tensor)
+    and ``dare_rates(name)`` its DARE drop rates (one for every model, or one per model; default: the DARE settings'
+    rates). Every tensor's values are validated before any tensor is merged."""
+
+    params: Callable[[str], Mapping[str, Any]] | None = None
+    dare_rates: Callable[[str], Sequence[float] | float] | None = None
 
 
 @dataclass(frozen=True)
@@ -484,14 +519,25 @@ def merge_checkpoints(
     dare: DareSettings | None = None,
     options: OutputOptions | None = None,
     seed: int = 0,
+    *,
+    per_tensor: PerTensorSettings | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge fine-tuned checkpoints out of core with a registered ``method`` and its ``params`` (defaults filled
     in, validated before any model is read), optionally after a DARE pre-step; the same bytes as the in-memory
     functions on the vocabulary-aligned models. Needs at least two fine-tuned models. Writes a complete model folder
     at ``output_path`` (config, generation config and tokenizer from ``options.tokenizer_source``, default: the
     first fine-tuned model whose vocabulary matches the output) and returns the manifest. ``seed`` seeds a random
-    method (DELLA); the DARE pre-step has its own in ``dare``."""
+    method (DELLA); the DARE pre-step has its own in ``dare``.
+
+    ``per_tensor`` gives values that vary per tensor (:class:`PerTensorSettings`; recorded in the manifest's
+    ``method_details.per_tensor`` where they differ from ``params``); ``extra_files`` (file name → text) are written
+    beside the manifest and ``manifest_extra`` (JSON-able) is added to it."""
     options = options or OutputOptions()
+    for file_name in extra_files or {}:
+        if not re.fullmatch(r"[\w][\w.\-]*", file_name) or file_name == "merge_manifest.json":
+            raise MergeError(f"extra_files: {file_name!r} is not a plain file name for the output folder")
     finetuned = list(finetuned)
     spec = get_method(method)
     if not spec.streamable:
@@ -524,15 +570,78 @@ def merge_checkpoints(
     copy_from = 0 if spec.copy_from == "base" else 1
     runner = spec.stream_pass or execute
 
+    if per_tensor is not None and per_tensor.dare_rates is not None and dare is None:
+        raise MergeError("per-tensor DARE rates need the DARE pre-step")
+
     def body(executor: Executor) -> dict[str, Any]:
-        return runner(executor, spec, validated, fts, engine_dare, seed=seed)
+        if per_tensor is None:
+            return runner(executor, spec, validated, fts, engine_dare, seed=seed)
+        params_for, dare_for, varied = _per_tensor_settings(
+            executor, spec, dict(params or {}), validated, dare, engine_dare, per_tensor, len(finetuned)
+        )
+        details = execute(
+            executor, spec, validated, fts, engine_dare, seed=seed, params_for=params_for, dare_for=dare_for
+        )
+        return {**details, "per_tensor": varied}
 
     labels = [f"pretrained {pretrained}"] + [f"finetuned {f}" for f in finetuned]
     return _run(
         kind=method if dare is None else f"mask_merging+{method}", paths=[pretrained, *finetuned], labels=labels,
         output_path=output_path, parameters=recorded, options=options, side_candidates=fts, dtype_from=copy_from,
-        stats_models=None, body=body,
+        stats_models=None, body=body, extra_files=extra_files, manifest_extra=manifest_extra,
     )  # fmt: skip
+
+
+def _per_tensor_settings(
+    executor: Executor,
+    spec,
+    params: dict[str, Any],
+    validated: dict[str, Any],
+    dare: DareSettings | None,
+    engine_dare: Dare | None,
+    per_tensor: PerTensorSettings,
+    num_models: int,
+) -> tuple[Callable | None, Callable | None, dict[str, Any]]:
+    """Every merged tensor's validated parameters and DARE pre-step (before any tensor is merged), as the
+    per-tensor hooks of :func:`~model_merging_methods.engine.execute`, and what differs from the global values."""
+    params_by_name: dict[str, dict[str, Any]] = {}
+    dare_by_name: dict[str, Dare] = {}
+    varied: dict[str, dict[str, Any]] = {}
+    seen_params: dict[str, dict[str, Any]] = {}
+    seen_dare: dict[str, Dare] = {}
+    for plan in executor.plans:
+        if not plan.is_float or plan.excluded:
+            continue
+        diff: dict[str, Any] = {}
+        if per_tensor.params is not None:
+            raw = dict(per_tensor.params(plan.name))
+            key = repr(sorted(raw.items()))
+            if key not in seen_params:
+                try:
+                    seen_params[key] = spec.validate(raw, num_models)
+                except MergeError as exc:
+                    raise MergeError(f"tensor {plan.name}: {exc}") from None
+            params_by_name[plan.name] = seen_params[key]
+            diff.update({k: v for k, v in seen_params[key].items() if v != validated.get(k)})
+        if per_tensor.dare_rates is not None and dare is not None:
+            rates = per_tensor.dare_rates(plan.name)
+            key = repr(rates)
+            if key not in seen_dare:
+                try:
+                    seen_dare[key] = replace(dare, weight_mask_rates=rates).checked(num_models)
+                except MergeError as exc:
+                    raise MergeError(f"tensor {plan.name}: {exc}") from None
+            dare_by_name[plan.name] = seen_dare[key]
+            tensor_rates = [seen_dare[key].rates[i + 1] for i in range(num_models)]
+            if engine_dare is None or tensor_rates != [engine_dare.rates[i + 1] for i in range(num_models)]:
+                diff["weight_mask_rates"] = tensor_rates
+        if diff:
+            varied[plan.name] = diff
+    params_for = (lambda name: params_by_name.get(name, validated)) if per_tensor.params is not None else None
+    dare_for = (
+        (lambda name: dare_by_name.get(name, engine_dare)) if per_tensor.dare_rates is not None else None
+    )
+    return params_for, dare_for, varied
 
 
 def stream_merge(
@@ -556,6 +665,8 @@ def stream_merge(
     overwrite: bool = False,
     num_threads: int | None = None,
     name_resolver: NameResolver | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
     **method_params: Any,
 ) -> dict[str, Any]:
     """:func:`merge_checkpoints` spelled as the command line spells it: ``merging_method_name`` (or
@@ -585,4 +696,7 @@ def stream_merge(
         vocab_policy=vocab_policy, pad_token=pad_token, tokenizer_source=tokenizer_source, overwrite=overwrite,
         num_threads=num_threads, name_resolver=name_resolver,
     )  # fmt: skip
-    return merge_checkpoints(pretrained, finetuned, output_path, method, params, dare, options, seed=seed)
+    return merge_checkpoints(
+        pretrained, finetuned, output_path, method, params, dare, options, seed=seed, extra_files=extra_files,
+        manifest_extra=manifest_extra,
+    )  # fmt: skip

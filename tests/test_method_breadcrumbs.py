@@ -62,6 +62,14 @@ def test_declaration_shares_params_and_defaults():
         "scaling_coefficient": 1.0,
         "param_value_mask_rate": 0.8,
         "outlier_mask_rate": 0.01,
+        # mergekit's options, off by default (docs/mergekit.md)
+        "model_weights": None,
+        "densities": None,
+        "normalize": False,
+        "breadcrumbs_rule": "drop_counts",
+        "breadcrumbs_elect_sign": False,
+        "zero_sign": "majority",
+        "sparsify_rescale": "none",
     }
     # the same Param objects as task arithmetic's and TIES's (one flag each)
     assert METHOD.param("scaling_coefficient") is get_method("task_arithmetic").param("scaling_coefficient")

@@ -81,7 +81,18 @@ def test_against_numpy_reference(rates, eps, lam, seed):
 
 def test_declaration():
     assert get_method(NAME) is METHOD
-    assert METHOD.defaults() == {"scaling_coefficient": 1.0, "weight_mask_rate": 0.1, "della_epsilon": 0.1}
+    assert METHOD.defaults() == {
+        "scaling_coefficient": 1.0,
+        "weight_mask_rate": 0.1,
+        "della_epsilon": 0.1,
+        # mergekit's options, off by default (docs/mergekit.md)
+        "model_weights": None,
+        "densities": None,
+        "no_normalize": False,
+        "zero_sign": "majority",
+        "della_rescale": "probability",
+        "della_linear": False,
+    }
     p = METHOD.param("weight_mask_rate")
     assert p.per_model and p.type is float and p.default == 0.1
     assert not METHOD.dare_prestep and METHOD.random and METHOD.needs_base

@@ -10,6 +10,13 @@ and where s = 0 the majority sign m = sign(Σ_coords s); τ = Σ_i τ̂_i [sign 
 task vector and one majority sign for the whole model — model-wide statistics computed exactly, tensor by tensor
 (radix selection on float32 bit patterns, :func:`kth_smallest_abs`; no M × P matrix). ``"tensor"`` (as mergekit and
 PEFT do): thresholds and majority sign per tensor.
+
+mergekit's ``ties`` (``docs/mergekit.md``) is ``trim_scope="tensor"`` with these options: ``trim_rule="exact_k"``
+(keep exactly k = max(1, int(d·n)) entries of largest |τ_i|, d = ``densities[i]``, else 1 − r), ``zero_sign="plus"``
+(a zero sign sum elects +1), ``model_weights`` (w_i·τ̂_i before the sign election; the mean divides by Σ w_i over
+the agreeing models), ``no_normalize`` (the disjoint sum instead of the mean) and ``sparsify_rescale="l1"`` (each
+trimmed τ̂_i rescaled to ‖τ_i‖₁). ``densities`` (per model) replaces r by 1 − d_i in either trim rule. The per-model and
+per-tensor options need ``trim_scope="tensor"``; ``zero_sign`` and ``no_normalize`` work in both scopes.
 """
 
 from __future__ import annotations
@@ -23,11 +30,20 @@ import torch
 
 from model_merging_methods.errors import MergeError
 from model_merging_methods.mask_weights_utils import compute_dtype, keep_where
-from model_merging_methods.methods.task_arithmetic import SCALING_COEFFICIENT
+from model_merging_methods.methods.task_arithmetic import (
+    DENSITIES,
+    MODEL_WEIGHTS,
+    NO_NORMALIZE,
+    SCALING_COEFFICIENT,
+    ZERO_SIGN,
+)
 from model_merging_methods.registry import MergeMethod, Param, TensorContext, register
+from model_merging_methods.sparsify import combine, l1_rescale, top_k_mask, weight_column
 from model_merging_methods.validators import check_rate
 
 TRIM_SCOPES = ("global", "tensor")
+TRIM_RULES = ("threshold", "exact_k")
+SPARSIFY_RESCALES = ("none", "l1")
 _RADIX_CHUNK = 1 << 24  # elements per slice in the streaming k-th value selection (bounded memory)
 
 
@@ -202,22 +218,105 @@ def tensor_thresholds(base: torch.Tensor, tensors: Sequence[torch.Tensor], rate:
     return [ties_trim_threshold(base.numel(), rate, lambda t=t: [t - base]) for t in tensors]
 
 
+def mergekit_options(params: Mapping[str, Any]) -> list[str]:
+    """The names of the mergekit options set to something other than the paper's default."""
+    out = [n for n in ("model_weights", "densities") if params.get(n) is not None]
+    out += [n for n in ("no_normalize",) if params.get(n)]
+    out += [n for n, d in (("zero_sign", "majority"), ("trim_rule", "threshold"), ("sparsify_rescale", "none"))
+            if params.get(n, d) != d]  # fmt: skip
+    return out
+
+
+def _check(params: Mapping[str, Any], num_models: int) -> None:
+    if params["trim_scope"] == "global":
+        tensor_only = [n for n in mergekit_options(params) if n not in ("zero_sign", "no_normalize")]
+        if tensor_only:
+            raise MergeError(
+                f"ties_merging: {tensor_only[0]} needs trim_scope='tensor' (the global trim has one threshold and one "
+                "majority sign per model)"
+            )
+
+
+def trim_task_vector(tau: torch.Tensor, params: Mapping[str, Any], i: int) -> torch.Tensor:
+    """Model i's trimmed task-vector tensor τ̂_i under ``trim_rule``, ``densities`` and ``sparsify_rescale``."""
+    density = params.get("densities")
+    if params.get("trim_rule", "threshold") == "exact_k":
+        keep = top_k_mask(tau, density[i] if density is not None else 1.0 - params["param_value_mask_rate"])
+    else:
+        rate = 1.0 - density[i] if density is not None else params["param_value_mask_rate"]
+        keep = tau.abs() >= ties_trim_threshold(tau.numel(), rate, lambda: [tau])
+    trimmed = keep_where(keep, tau)
+    return l1_rescale(tau, trimmed) if params.get("sparsify_rescale", "none") == "l1" else trimmed
+
+
+def elect_and_combine(
+    base: torch.Tensor, trimmed: torch.Tensor, params: Mapping[str, Any], majority: float | None
+) -> torch.Tensor:
+    """Sign election and (weighted) disjoint mean or sum of the stacked trimmed task vectors; ``majority`` is the
+    sign a zero sum elects under ``zero_sign="majority"`` (None: this tensor's weighted majority sign)."""
+    weights = params.get("model_weights")
+    if params.get("zero_sign", "majority") == "plus":
+        zero = 1.0
+    elif majority is not None:
+        zero = majority
+    else:
+        weighted = trimmed if weights is None else trimmed * weight_column(weights, trimmed)
+        zero = majority_sign(int(torch.sign(weighted.sum(0)).sum().item()))
+    return combine(
+        base, trimmed, weights, elect_sign=True, zero_sign=zero, normalize=not params.get("no_normalize"),
+        scaling_coefficient=params["scaling_coefficient"],
+    )  # fmt: skip
+
+
 def _kernel(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], params: Mapping[str, Any], ctx: TensorContext
 ) -> torch.Tensor:
     lam = params["scaling_coefficient"]
+    plus = params.get("zero_sign", "majority") == "plus"
     if ctx.stats is not None:
-        return ties_merge_tensor(base, tensors, ctx.stats.thresholds, lam, ctx.stats.majority_sign)
-    thresholds = tensor_thresholds(base, tensors, params["param_value_mask_rate"])
-    majority = majority_sign(ties_sign_sum(base, tensors, thresholds))
-    return ties_merge_tensor(base, tensors, thresholds, lam, majority)
+        majority = 1.0 if plus else ctx.stats.majority_sign
+        if not params.get("no_normalize"):
+            return ties_merge_tensor(base, tensors, ctx.stats.thresholds, lam, majority)
+        trimmed = torch.stack(_trimmed_task_vectors(base, tensors, ctx.stats.thresholds))
+        return elect_and_combine(base, trimmed, params, majority)
+    if not mergekit_options(params):
+        thresholds = tensor_thresholds(base, tensors, params["param_value_mask_rate"])
+        majority = majority_sign(ties_sign_sum(base, tensors, thresholds))
+        return ties_merge_tensor(base, tensors, thresholds, lam, majority)
+    trimmed = torch.stack([trim_task_vector(x - base, params, i) for i, x in enumerate(tensors)])
+    return elect_and_combine(base, trimmed, params, None)
 
 
-def _stream_pass(*args, **kwargs) -> dict[str, Any]:
+def _stream_pass(executor, method, params, fts, dare=None, **kwargs) -> dict[str, Any]:
+    if mergekit_options(params):  # the streamed fast path knows the paper's rules only: the generic executor
+        from model_merging_methods.engine import execute
+
+        return execute(executor, method, params, fts, dare, **kwargs)
     from model_merging_methods.ties_streaming import ties_stream_pass
 
-    return ties_stream_pass(*args, **kwargs)
+    return ties_stream_pass(executor, method, params, fts, dare, **kwargs)
 
+
+TRIM_RULE = Param(
+    "trim_rule",
+    lambda name, v: v,
+    "threshold",
+    "TIES trim: keep every |τ| ≥ the k-th smallest, k = int(n·r) (threshold, the original's) or exactly "
+    "max(1, int(d·n)) entries of largest |τ| (exact_k, mergekit's)",
+    type=str,
+    choices=TRIM_RULES,
+    flag=False,
+)
+
+SPARSIFY_RESCALE = Param(
+    "sparsify_rescale",
+    lambda name, v: v,
+    "none",
+    "mergekit's rescale: true for TIES and Breadcrumbs: each sparsified τ̂_i multiplied by ‖τ_i‖₁ / ‖τ̂_i‖₁ (l1)",
+    type=str,
+    choices=SPARSIFY_RESCALES,
+    flag=False,
+)
 
 METHOD = register(
     MergeMethod(
@@ -244,11 +343,18 @@ METHOD = register(
                 choices=TRIM_SCOPES,
                 short="trim",
             ),
+            MODEL_WEIGHTS,
+            DENSITIES,
+            NO_NORMALIZE,
+            ZERO_SIGN,
+            TRIM_RULE,
+            SPARSIFY_RESCALE,
         ),  # fmt: skip
         kernel=_kernel,
         scope=lambda params: "model" if params["trim_scope"] == "global" else "tensor",
         model_statistics=_model_statistics,
         stream_pass=_stream_pass,
+        check=_check,
         name_order=("param_value_mask_rate", "scaling_coefficient", "trim_scope"),
     )
 )
