@@ -37,7 +37,7 @@ from model_merging_methods.registry import MergeMethod, TensorContext, get_metho
 from model_merging_methods.threads import default_workers, torch_threads  # noqa: F401 - re-exported
 
 StateDict = dict[str, torch.Tensor]
-DEVICE_BLOCK_ELEMENTS = 1 << 24  # elements per row block per model off the CPU (fewer, larger kernel launches)
+DEVICE_BLOCK_ELEMENTS = 1 << 24  # elements per row block per model off the CPU (fewer, larger launches)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,6 +395,26 @@ class StatisticsView:
 
         return lambda: ex.stream_unordered(plans if plans is not None else self.plans, produce)
 
+    def map_blocks(
+        self,
+        fn: Callable[[TensorPlan, torch.Tensor, list[torch.Tensor]], Any],
+        plans: Sequence[TensorPlan] | None = None,
+        rows_for: Callable[[TensorPlan], Sequence[tuple[int, int]]] | None = None,
+        models: Sequence[int] | None = None,
+    ) -> Callable[[], Iterator]:
+        """A factory of ``fn(plan, base block, [model blocks])`` over ``plans`` (default: every kept tensor), computed
+        on the worker threads; ``rows_for(plan)`` picks the row ranges read (default: all), ``models`` the positions
+        in ``fts`` of the models read (default: all)."""
+        ex = self.executor
+        fts = self.fts if models is None else [self.fts[i] for i in models]
+
+        def produce(plan: TensorPlan) -> Iterator[Any]:
+            rows = rows_for(plan) if rows_for is not None else None
+            for _, _, (pre, *xs) in ex.blocks_for(plan, [ex.base, *fts], self._dare(plan), rows=rows):
+                yield fn(plan, pre, xs)
+
+        return lambda: ex.stream_unordered(plans if plans is not None else self.plans, produce)
+
 
 def execute(
     executor: Executor,
@@ -561,7 +581,12 @@ def merge_in_memory(
     source = DictSource([base_model, *models_to_merge], labels, exclude_param_names_regex, dtype_from)
     sink = DictSink(source, dtype_from)
     executor = Executor(
-        source, sink, base=0 if base_model is not None else None, workers=1, show_progress=False, device=device
+        source,
+        sink,
+        base=0 if base_model is not None else None,
+        workers=1,
+        show_progress=False,
+        device=device,
     )
     fts = list(range(1, len(models_to_merge) + 1))
     if executor.base is None and method.copy_from == "base":  # pragma: no cover - guarded above

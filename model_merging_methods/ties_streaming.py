@@ -19,6 +19,7 @@ import torch
 
 from model_merging_methods.engine import Dare, Executor, StatisticsView, progress
 from model_merging_methods.methods.ties import (
+    global_thresholds,
     majority_sign,
     ties_merge_tensor,
     ties_merge_tensor_both_majorities,
@@ -86,9 +87,9 @@ def _merge_optimistic(
     for _, _, (pre, *xs) in blocks:
         sign_sum, plus, idx, minus = ties_merge_tensor_both_majorities(pre, xs, thresholds, lam)
         total += sign_sum
-        plus = plus.to(plan.out_dtype)
+        plus = executor.to_sink(plus.to(plan.out_dtype))
         executor.sink.write_at(plan.name, offset, plus)
-        patches.add(plan.name, offset, idx, minus.to(plan.out_dtype))
+        patches.add(plan.name, offset, idx.cpu(), minus.to(plan.out_dtype).cpu())
         offset += plus.numel() * plus.element_size()
     return total
 
@@ -96,7 +97,7 @@ def _merge_optimistic(
 def _rewrite(executor: Executor, plan: TensorPlan, blocks, thresholds, lam: float, majority: float) -> None:
     offset = 0
     for _, _, (pre, *xs) in blocks:
-        out = ties_merge_tensor(pre, xs, thresholds, lam, majority).to(plan.out_dtype)
+        out = executor.to_sink(ties_merge_tensor(pre, xs, thresholds, lam, majority).to(plan.out_dtype))
         executor.sink.overwrite_at(plan.name, offset, out)
         offset += out.numel() * out.element_size()
 
@@ -122,10 +123,9 @@ def ties_stream_pass(
     if scope == "global":
         view = StatisticsView(executor, fts, dare, None)
         with progress(len(fts), "TIES thresholds (models)", executor.show_progress) as bar:
-            thresholds = []
-            for i in range(len(fts)):
-                thresholds.append(ties_trim_threshold(view.kept_numel, rate, view.task_vectors(i)))
-                bar.update(1)
+            thresholds = global_thresholds(params, view)  # one pass over every model in practice
+            bar.update(len(fts))
+        info["threshold_passes"] = getattr(view, "selection_passes", [0] * len(fts))
         patches = MinusPatches(Path(executor.sink.out_dir) / ".ties_majority_patches.tmp")
         try:
 

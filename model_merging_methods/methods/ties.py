@@ -8,8 +8,13 @@ and where s = 0 the majority sign m = sign(Σ_coords s); τ = Σ_i τ̂_i [sign 
 
 ``trim_scope="global"`` (the paper's and the original TIES code's behaviour): one threshold per model over its whole
 task vector and one majority sign for the whole model — model-wide statistics computed exactly, tensor by tensor
-(radix selection on float32 bit patterns, :func:`kth_smallest_abs`; no M × P matrix). ``"tensor"`` (as mergekit and
-PEFT do): thresholds and majority sign per tensor.
+(selection on float32 bit patterns, :mod:`model_merging_methods.selection`: one pass over the models for every
+threshold in practice, a band placed by a small sample; no M × P matrix). ``"tensor"`` (as mergekit and PEFT do):
+thresholds and majority sign per tensor.
+
+Arithmetic: float32 (float64 stays float64), element-wise only, with the sums over models taken in model order, so
+the bytes are the same on every device; the sign election and the disjoint mean run on the bit patterns (an
+all-ones mask where τ̂_i has the elected sign, ANDed with τ̂_i), the same bytes as the formulas.
 
 mergekit's ``ties`` (``docs/mergekit.md``) is ``trim_scope="tensor"`` with these options: ``trim_rule="exact_k"``
 (keep exactly k = max(1, int(d·n)) entries of largest |τ_i|, d = ``densities[i]``, else 1 − r), ``zero_sign="plus"``
@@ -22,10 +27,12 @@ per-tensor options need ``trim_scope="tensor"``; ``zero_sign`` and ``no_normaliz
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from model_merging_methods.errors import MergeError
@@ -38,50 +45,21 @@ from model_merging_methods.methods.task_arithmetic import (
     ZERO_SIGN,
 )
 from model_merging_methods.registry import MergeMethod, Param, TensorContext, register
+from model_merging_methods.selection import (  # noqa: F401 - kth_smallest_abs re-exported
+    BandSelection,
+    abs_bits,
+    band_from_sample,
+    kth_smallest_abs,
+    summarize,
+)
 from model_merging_methods.sparsify import combine, l1_rescale, top_k_mask, weight_column
 from model_merging_methods.validators import check_rate
 
 TRIM_SCOPES = ("global", "tensor")
 TRIM_RULES = ("threshold", "exact_k")
 SPARSIFY_RESCALES = ("none", "l1")
-_RADIX_CHUNK = 1 << 24  # elements per slice in the streaming k-th value selection (bounded memory)
-
-
-def kth_smallest_abs(chunks_factory: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
-    """The exact k-th smallest |x| (1-based) over the concatenation of the tensors ``chunks_factory()`` yields.
-
-    Radix selection on the bit patterns of float32 |x| (non-negative floats order like their int32 bits): pass 1
-    counts the high 16 bits, pass 2 the low 16 bits inside the chosen bucket. ``chunks_factory`` is called once per
-    pass, so the data can be streamed from disk; memory stays bounded by one slice of 2^24 elements. Equals
-    ``torch.cat([c.flatten() for c in chunks]).abs().kthvalue(k)`` without building the concatenation.
-    """
-
-    def slices():
-        for chunk in chunks_factory():
-            flat = chunk.detach().reshape(-1)
-            for start in range(0, flat.numel(), _RADIX_CHUNK):
-                part = flat[start : start + _RADIX_CHUNK].to(torch.float32).abs()
-                if torch.isnan(part).any():
-                    raise MergeError("NaN in the task vector: cannot select a TIES threshold")
-                yield part.view(torch.int32).to(torch.int64)
-
-    counts = torch.zeros(1 << 16, dtype=torch.int64)
-    total = 0
-    for bits in slices():
-        counts += torch.bincount(bits >> 16, minlength=1 << 16)
-        total += bits.numel()
-    if not 1 <= k <= total:
-        raise MergeError(f"k must be in [1, {total}], got {k}")
-    cumulative = counts.cumsum(0)
-    high = int(torch.searchsorted(cumulative, torch.tensor(k), right=False))
-    rank = k - (int(cumulative[high - 1]) if high > 0 else 0)
-    low_counts = torch.zeros(1 << 16, dtype=torch.int64)
-    for bits in slices():
-        inside = bits[(bits >> 16) == high]
-        if inside.numel():
-            low_counts += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
-    low = int(torch.searchsorted(low_counts.cumsum(0), torch.tensor(rank), right=False))
-    return float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item())
+SAMPLE_ELEMENTS = 1 << 18  # |τ| samples per model that place the first band of the global threshold selection
+_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def ties_trim_threshold(
@@ -92,16 +70,49 @@ def ties_trim_threshold(
     return 0.0 if k == 0 else kth_smallest_abs(chunks_factory, k)
 
 
+def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
+    """The bit pattern of |threshold| in ``dtype`` (float32 or float64), as a Python int."""
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", abs(threshold)))[0]
+    return struct.unpack("<i", struct.pack("<f", abs(threshold)))[0]
+
+
 def _trimmed_task_vectors(
     pretrained_tensor: torch.Tensor, finetuned_tensors: Sequence[torch.Tensor], thresholds: Sequence[float]
 ) -> list[torch.Tensor]:
+    """τ̂_i = where(|τ_i| ≥ t_i, τ_i, +0.0) in the compute dtype. On the bit patterns: |τ| ≥ t ⟺ (t_bits − 1) −
+    bits(|τ|) < 0, whose sign bit spread by an arithmetic shift is the keep mask (t = 0 keeps everything); a block
+    holding NaN takes the comparison's path (NaN is dropped)."""
     cdtype = compute_dtype(pretrained_tensor.dtype)
     pre = pretrained_tensor.detach().to(cdtype)
+    itype = _INT[cdtype]
+    shift = 8 * pre.element_size() - 1
     out = []
     for t, threshold in zip(finetuned_tensors, thresholds):
         tau = t.detach().to(cdtype) - pre
-        out.append(keep_where(tau.abs() >= threshold, tau))
+        finite_sum = bool(torch.isfinite(tau.sum()))  # no NaN (nor ±inf) in the block
+        if not finite_sum or not math.isfinite(threshold) or threshold < 0:
+            tau = keep_where(tau.abs() >= threshold, tau)
+        elif threshold != 0.0:
+            bits = tau.view(itype)
+            mask = bits & ((1 << shift) - 1)  # bits(|τ|)
+            mask.neg_().add_(_threshold_bits(threshold, cdtype) - 1).bitwise_right_shift_(shift)
+            tau = mask.bitwise_and_(bits).view(cdtype)
+        out.append(tau)
     return out
+
+
+def _sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i x_i added in model order (element-wise: the same bytes on every device)."""
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
+def _sign_sum(total: torch.Tensor) -> int:
+    """Σ over coordinates of sign(total), exactly (float64 accumulation)."""
+    return int(torch.sign(total).sum(dtype=torch.float64).item())
 
 
 def ties_sign_sum(
@@ -109,13 +120,55 @@ def ties_sign_sum(
 ) -> int:
     """Σ over coordinates of sign(Σ_i τ̂_i) for one tensor (τ̂_i trimmed at ``thresholds[i]``); summed over a scope it
     gives the majority sign m = sign(total) used where the elected sign is 0."""
-    trimmed = _trimmed_task_vectors(pretrained_tensor, finetuned_tensors, thresholds)
-    return int(torch.sign(torch.stack(trimmed).sum(0)).sum().item())
+    return _sign_sum(_sum_in_order(_trimmed_task_vectors(pretrained_tensor, finetuned_tensors, thresholds)))
 
 
 def majority_sign(sign_sum: int) -> float:
     """m = sign(Σ_coords s): +1, −1, or 0 when the elected signs cancel out."""
     return float(math.copysign(1.0, sign_sum)) if sign_sum != 0 else 0.0
+
+
+def _disjoint_mean(
+    pre: torch.Tensor,
+    trimmed: Sequence[torch.Tensor],
+    total: torch.Tensor,
+    scaling_coefficient: float,
+    majority: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_pre + λ · Σ_i τ̂_i[τ̂_i agrees] / max(1, #agreeing), #agreeing) with the elected sign s = sign(total), or
+    ``majority`` where total = 0. τ̂_i agrees where τ̂_i ≠ 0 and its sign is s: on the bit patterns, the sign bits of
+    τ̂_i and s are equal, an AND with the mask that spreads NOT(τ̂_i XOR s) by an arithmetic shift (a ±0 τ̂_i keeps
+    ±0 and is not counted). Where total = ±0 its sign bit is replaced by the majority's (m = −1) or nothing agrees
+    (m = 0); with m = +1 a zero total's sign bit is 0, i.e. +1's, as a total of non-zero τ̂_i is never −0."""
+    itype = _INT[total.dtype]
+    shift = 8 * total.element_size() - 1
+    magnitude = (1 << shift) - 1
+    sbits = total.view(itype)
+    zero = None
+    if majority <= 0:
+        zero = sbits & magnitude
+        zero.sub_(1).bitwise_right_shift_(shift)  # all ones where total = ±0
+        sbits = sbits | (zero & -(1 << shift)) if majority < 0 else sbits  # the sign bit of −1 there
+    not_s = torch.bitwise_not(sbits)
+    ksum = count = None
+    for t in trimmed:
+        tb = t.view(itype)
+        k = torch.bitwise_xor(tb, not_s)
+        k.bitwise_right_shift_(shift)  # all ones where the sign bits of τ̂_i and s agree
+        k.bitwise_and_(tb)
+        if majority == 0:
+            k.bitwise_and_(torch.bitwise_not(zero))  # m = 0: nothing agrees where total = 0
+        agree = k & magnitude
+        agree.neg_().bitwise_right_shift_(shift)  # −1 where the kept value is not ±0
+        kept = k.view(t.dtype)
+        if ksum is None:
+            ksum, count = kept, agree
+        else:
+            ksum += kept
+            count += agree
+    count.neg_()
+    merged = ksum.div_(count.to(total.dtype).clamp_(min=1))
+    return merged.mul_(scaling_coefficient).add_(pre), count
 
 
 def ties_merge_tensor(
@@ -128,11 +181,21 @@ def ties_merge_tensor(
     """TIES for one tensor given the trim thresholds t_i and the scope's majority sign m.
 
     τ̂_i = τ_i [|τ_i| ≥ t_i]; s = sign(Σ_i τ̂_i), s = m where s = 0; keep τ̂_i where τ̂_i > 0 and s > 0, or τ̂_i < 0 and
-    s < 0; τ = Σ kept / max(1, #kept); θ = θ_pre + λ τ.
+    s < 0; τ = Σ kept / max(1, #kept); θ = θ_pre + λ τ (sums in model order).
     """
-    trimmed = torch.stack(_trimmed_task_vectors(pretrained_tensor, finetuned_tensors, thresholds))
-    elected = torch.sign(trimmed.sum(0))
-    return _ties_disjoint_merge(pretrained_tensor, trimmed, elected, scaling_coefficient, majority_sign)
+    pre = pretrained_tensor.detach().to(compute_dtype(pretrained_tensor.dtype))
+    trimmed = _trimmed_task_vectors(pre, finetuned_tensors, thresholds)
+    total = _sum_in_order(trimmed)
+    merged, _ = _disjoint_mean(pre, trimmed, total, scaling_coefficient, majority_sign)
+    return merged.to(pretrained_tensor.dtype)
+
+
+def _nonzero_flat(x: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the non-zero entries (NumPy on the CPU: faster than torch for rare entries)."""
+    flat = x.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flat.numpy()))
+    return flat.nonzero().reshape(-1)
 
 
 def ties_merge_tensor_both_majorities(
@@ -146,21 +209,27 @@ def ties_merge_tensor_both_majorities(
     Returns ``(sign_sum, merged_plus, index, minus_values)``: ``sign_sum = ties_sign_sum(...)``, ``merged_plus =
     ties_merge_tensor(..., majority_sign=+1)``, and ``merged_plus`` with ``flatten()[index] = minus_values`` is
     ``ties_merge_tensor(..., majority_sign=-1)``. The majority sign matters only where the elected sign is 0 while
-    some τ̂_i ≠ 0 (exact cancellations), so the m = −1 values are computed there only (element-wise, same bytes).
+    some τ̂_i ≠ 0 (exact cancellations: there a positive τ̂_i agrees with m = +1, so the agreeing count is non-zero),
+    so the m = −1 values are computed there only (element-wise, same bytes).
     """
-    trimmed = torch.stack(_trimmed_task_vectors(pretrained_tensor, finetuned_tensors, thresholds))
-    elected = torch.sign(trimmed.sum(0))
-    plus = _ties_disjoint_merge(pretrained_tensor, trimmed, elected, scaling_coefficient, 1.0)
-    flat = trimmed.reshape(trimmed.shape[0], -1)
-    index = ((elected.reshape(-1) == 0) & (flat != 0).any(0)).nonzero().reshape(-1)
-    minus = _ties_disjoint_merge(
-        pretrained_tensor.reshape(-1)[index],
-        flat[:, index],
-        elected.reshape(-1)[index],
+    pre = pretrained_tensor.detach().to(compute_dtype(pretrained_tensor.dtype))
+    trimmed = _trimmed_task_vectors(pre, finetuned_tensors, thresholds)
+    total = _sum_in_order(trimmed)
+    plus, count = _disjoint_mean(pre, trimmed, total, scaling_coefficient, 1.0)
+    itype = _INT[total.dtype]
+    shift = 8 * total.element_size() - 1
+    cancelled = total.view(itype) & ((1 << shift) - 1)
+    cancelled.sub_(1).bitwise_right_shift_(shift).bitwise_and_(count)  # the count where total = ±0
+    index = _nonzero_flat(cancelled)
+    minus, _ = _disjoint_mean(
+        pre.reshape(-1)[index],
+        [t.reshape(-1)[index] for t in trimmed],
+        total.reshape(-1)[index],
         scaling_coefficient,
         -1.0,
     )
-    return int(elected.sum().item()), plus, index, minus
+    dtype = pretrained_tensor.dtype
+    return _sign_sum(total), plus.to(dtype), index, minus.to(dtype)
 
 
 def _ties_disjoint_merge(
@@ -199,10 +268,65 @@ class TiesStatistics:
         }
 
 
-def global_thresholds(params: Mapping[str, Any], view) -> list[float]:
-    """Each model's trim threshold over its whole task vector (all non-excluded float tensors), exactly."""
+def _sample_rows(plan, total: int, budget: int) -> list[tuple[int, int]]:
+    """Up to 4 evenly spaced row ranges of ``plan`` holding about ``budget · numel / total`` elements (at least one
+    row): where the sample of the global threshold selection is read."""
+    rows = plan.shape[0] if plan.shape else 1
+    want = max(1, min(plan.numel, round(budget * plan.numel / max(1, total))))
+    take = min(rows, -(-want // max(1, plan.row_size)))
+    pieces = min(4, take)
+    length = -(-take // pieces)
+    starts = sorted({(rows - length) * j // max(1, pieces - 1) for j in range(pieces)}) if pieces > 1 else [0]
+    return [(r, min(rows, r + length)) for r in starts]
+
+
+def global_thresholds(params: Mapping[str, Any], view, sample_elements: int = SAMPLE_ELEMENTS) -> list[float]:
+    """Each model's trim threshold over its whole task vector (all non-excluded float tensors), exactly.
+
+    A sample of about ``sample_elements`` |τ_i| per model (a few row ranges of every tensor, after DARE, each
+    weighted by the share of its tensor it stands for) places a band of bit patterns around each k-th value; one
+    pass over every model then counts the values below and above the band and histograms those inside it
+    (:class:`~model_merging_methods.selection.BandSelection`). When the sample misled a band, further passes over
+    the undecided models narrow it; the result is exact in every case."""
     rate = params["param_value_mask_rate"]
-    return [ties_trim_threshold(view.kept_numel, rate, view.task_vectors(i)) for i in range(view.num_models)]
+    n, num = view.kept_numel, view.num_models
+    k = int(n * rate)
+    if k == 0:
+        return [0.0] * num
+    total = view.kept_numel
+
+    def sample(plan, pre, xs):
+        rows = _sample_rows(plan, total, sample_elements)
+        taken = sum(r1 - r0 for r0, r1 in rows) * (plan.row_size if plan.shape else 1)
+        weight = plan.numel / max(1, taken)
+        return weight, [abs_bits(x - pre).cpu().numpy() for x in xs]
+
+    values: list[list[np.ndarray]] = [[] for _ in range(num)]
+    weights: list[list[np.ndarray]] = [[] for _ in range(num)]
+    rows_for = lambda plan: _sample_rows(plan, total, sample_elements)  # noqa: E731
+    for weight, parts in view.map_blocks(sample, rows_for=rows_for)():
+        for i, v in enumerate(parts):
+            values[i].append(v)
+            weights[i].append(np.full(v.size, weight))
+    bands = [
+        band_from_sample(np.concatenate(values[i]), np.concatenate(weights[i]), k, n) if values[i] else None
+        for i in range(num)
+    ]
+    selection = BandSelection([k] * num, [n] * num, bands)
+    while not selection.done:
+        pending = selection.pending
+        selection.start_pass()
+        bands_now = {i: selection.band(i) for i in pending}
+
+        def summaries(plan, pre, xs, pending=pending, bands_now=bands_now):
+            return [(i, summarize(x - pre, bands_now[i])) for i, x in zip(pending, xs)]
+
+        for items in view.map_blocks(summaries, models=pending)():
+            for i, summary in items:
+                selection.add(i, summary)
+        selection.finish_pass()
+    view.selection_passes = selection.passes
+    return selection.results
 
 
 def _model_statistics(params: Mapping[str, Any], view) -> TiesStatistics | None:
