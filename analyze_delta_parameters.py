@@ -24,14 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument(
-        "--pretrained_model_name", required=True, help="pre-trained model: folder, short name or hub id"
-    )
+        "--pretrained_model_name", default=None,
+        help="pre-trained model: folder, short name or hub id (default: the base_model_name_or_path of LoRA "
+        "adapters among the fine-tuned models)",
+    )  # fmt: skip
     p.add_argument(
         "--finetuned_model_names",
         "--finetuned_model_name",
         nargs="+",
         required=True,
-        help="one or more fine-tuned models of the same family",
+        help="one or more fine-tuned models of the same family (PEFT LoRA adapter folders too: δ = s·B·A)",
     )
     p.add_argument("--output_dir", default="./save_delta_analysis", help="where the results go")
     p.add_argument(
@@ -84,6 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
             re.compile(pattern)
         except (re.error, RecursionError, OverflowError) as exc:
             raise UserError(f"bad --exclude_param_names_regex {pattern!r}: {exc}") from exc
+    if args.pretrained_model_name is None:  # LoRA adapters name their base model
+        from model_merging_methods.lora import resolve_base_model
+
+        args.pretrained_model_name = resolve_base_model(None, args.finetuned_model_names, hub_id)
     out_dir = Path(args.output_dir)
     # the output folder may not equal, contain or lie inside a model; checked before anything is read or written
     models = {"--pretrained_model_name": args.pretrained_model_name}

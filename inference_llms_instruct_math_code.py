@@ -60,7 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--finetuned_model_name",
         default="WizardLM-13B-V1.2",
-        help="registry short name (" + ", ".join(FINETUNED_HUB_IDS) + "), hub id or local folder",
+        help="registry short name ("
+        + ", ".join(FINETUNED_HUB_IDS)
+        + "), hub id, local folder, or a PEFT LoRA "
+        "adapter folder (merged into its base, --pretrained_model_name or the adapter's base_model_name_or_path, "
+        "into --save_model_path first)",
     )
     p.add_argument(
         "--pretrained_model_name",
@@ -146,6 +150,15 @@ def _streaming():
     except ImportError as exc:
         raise UserError(f"DARE and delta recovery need model_merging_methods.streaming ({exc})") from exc
     return streaming
+
+
+def _is_adapter(name: str) -> bool:
+    """Whether ``name`` is (a local or cached folder holding) a PEFT LoRA adapter."""
+    from model_merging_methods.checkpoint_io import find_local_model
+    from model_merging_methods.lora import is_lora_folder
+
+    folder = find_local_model(name, hub_id)
+    return folder is not None and is_lora_folder(folder)
 
 
 def _complete_model_folder(path: Path) -> bool:
@@ -237,9 +250,15 @@ def main(argv=None) -> dict:
         backbone = args.pretrained_model_name or backbone_of(name, args.wizardcoder_use_llama2_as_backbone)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    adapter = _is_adapter(name)
+    if adapter and backbone is None:
+        from model_merging_methods.lora import resolve_base_model
+
+        backbone = resolve_base_model(None, [resolve_model(name)], hub_id)
     dare = args.weight_mask_rate > 0.0
     if dare and backbone is None:
         raise UserError(f"no known backbone for {name}: pass --pretrained_model_name for DARE")
+    dare = dare or adapter  # an adapter is merged into its base (DARE at rate 0 gives the adapter's model)
     model_label = display_name(name)
     finetuned = name
     recovered_path = None

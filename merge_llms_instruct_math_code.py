@@ -42,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--merge_code", action="store_true", help="merge llama-2-13b-code-alpaca (code)")
     models.add_argument(
         "--pretrained_model_name", default=None, metavar="NAME_OR_PATH",
-        help="pre-trained backbone (default: the registry backbone of the fine-tuned models)",
+        help="pre-trained backbone (default: the registry backbone of the fine-tuned models, or the "
+             "base_model_name_or_path of LoRA adapters)",
     )  # fmt: skip
     models.add_argument(
         "--finetuned_model_names", nargs="+", default=None, metavar="NAME_OR_PATH",
-        help="models to merge (registry names, hub ids or local folders); replaces --merge_*",
+        help="models to merge (registry names, hub ids, local folders or PEFT LoRA adapter folders); replaces "
+             "--merge_*",
     )  # fmt: skip
 
     method = p.add_argument_group("merging method (every streamable method of the registry)")
@@ -61,8 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     out.add_argument("--max_shard_size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     out.add_argument(
-        "--vocab_policy", default="auto", choices=["auto", "pad_mean", "truncate", "error"],
-        help="vocabulary alignment; auto = pad_mean for LLaMA-family models, error otherwise",
+        "--vocab_policy", default="auto", choices=["auto", "pad_mean", "truncate", "error", "union"],
+        help="vocabulary alignment; auto = pad_mean for LLaMA-family models, error otherwise; union = the union of "
+             "the tokenizers by token string (docs/adapters.md)",
+    )  # fmt: skip
+    out.add_argument(
+        "--pad_to_multiple_of", type=int, default=None, help="with --vocab_policy union: round the rows up"
+    )
+    out.add_argument(
+        "--output_format", default="model", choices=["model", "lora"],
+        help="model: a full model folder; lora: the merged delta as a PEFT LoRA adapter of the base (--lora_rank)",
+    )  # fmt: skip
+    out.add_argument(
+        "--lora_rank", type=int, default=None, help="rank of the LoRA output (--output_format lora)"
+    )
+    out.add_argument(
+        "--lora_svd", default="auto", choices=["auto", "full", "randomized"],
+        help="truncated SVD of the LoRA output: exact, seeded randomized, or auto",
     )  # fmt: skip
     out.add_argument(
         "--pad_token", default=None, help="pad token added to a padded tokenizer (default: [PAD])"
@@ -130,6 +147,10 @@ def save_model_name(args: argparse.Namespace, rates: list[float]) -> str:
         name += f"_dtype_{args.dtype}"
     if args.vocab_policy != "auto":
         name += f"_vocab_{args.vocab_policy}"
+    if getattr(args, "pad_to_multiple_of", None):
+        name += f"_pad{args.pad_to_multiple_of}"
+    if getattr(args, "output_format", "model") == "lora":
+        name += f"_lora_r{args.lora_rank}"
     if args.pretrained_model_name is not None:
         name += f"_base_{_safe(args.pretrained_model_name)}"
     return name
@@ -158,6 +179,8 @@ def select_models(args: argparse.Namespace) -> tuple[list[str], list[str], str, 
         raise UserError(f"merging needs at least two fine-tuned models, got {len(names)}")
     pretrained = args.pretrained_model_name
     if pretrained is None:
+        pretrained = _adapter_base(names)
+    if pretrained is None:
         backbones = {backbone_of(n) for n in names}
         if None in backbones:
             unknown = [n for n in names if backbone_of(n) is None]
@@ -168,6 +191,18 @@ def select_models(args: argparse.Namespace) -> tuple[list[str], list[str], str, 
             )
         pretrained = backbones.pop()
     return tasks, names, pretrained, group
+
+
+def _adapter_base(names: list[str]) -> str | None:
+    """The base model the LoRA adapters among ``names`` name (None when there is no adapter)."""
+    from model_merging_methods.checkpoint_io import find_local_model
+    from model_merging_methods.lora import is_lora_folder, resolve_base_model
+    from utils.llm_registry import hub_id
+
+    folders = [find_local_model(n, hub_id) for n in names]
+    if not any(f is not None and is_lora_folder(f) for f in folders):
+        return None
+    return resolve_base_model(None, [str(f) for f in folders if f is not None and is_lora_folder(f)], hub_id)
 
 
 def _evaluate(
@@ -253,6 +288,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     settings = get_method(method_name).validate(method_settings(args, method_name), len(names))
     parse_size(args.max_shard_size)
+    from model_merging_methods.lora import check_output_format
+
+    if check_output_format(args.output_format, args.lora_rank) and not args.skip_evaluation:
+        raise UserError(
+            "--output_format lora writes an adapter, which is not evaluated here: pass --skip_evaluation, then "
+            "evaluate it with inference_llms_instruct_math_code.py --finetuned_model_name <adapter>"
+        )
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num_threads must be >= 1, got {args.num_threads}")
     evaluate = bool(getattr(args, "evaluate_only", False)) or not args.skip_evaluation
@@ -281,13 +323,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weight_format=args.weight_format, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
         vocab_policy=args.vocab_policy, pad_token=args.pad_token or pad_token_for(names),
         tokenizer_source=args.tokenizer_source, overwrite=args.overwrite, num_threads=args.num_threads,
-        name_resolver=hub_id,
+        name_resolver=hub_id, output_format=args.output_format, lora_rank=args.lora_rank, lora_svd=args.lora_svd,
+        pad_to_multiple_of=args.pad_to_multiple_of,
     )  # fmt: skip
     for line in manifest.get("housekeeping", []):
         print(line, file=sys.stderr)
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"merged model: {merged_path}")
+    print(f"merged {'LoRA adapter' if args.output_format == 'lora' else 'model'}: {merged_path}")
     if not args.skip_evaluation:
         manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")
     return manifest

@@ -120,6 +120,23 @@ def _exists(path: Path) -> bool:
     return os.path.lexists(path)
 
 
+OUTPUT_FORMATS = ("model", "lora")
+
+
+def check_output_format(output_format: str, lora_rank: int | None) -> bool:
+    """True for a LoRA output (``output_format="lora"``, which needs a positive ``lora_rank``); MergeError for
+    anything else than ``model`` or ``lora``, and for a rank given to a full-model output."""
+    if output_format not in OUTPUT_FORMATS:
+        raise MergeError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
+    if output_format != "lora":
+        if lora_rank is not None:
+            raise MergeError("lora_rank needs output_format lora")
+        return False
+    if lora_rank is None or isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise MergeError(f"output_format lora needs lora_rank, a positive integer (got {lora_rank!r})")
+    return True
+
+
 def is_lora_folder(path: str | os.PathLike) -> bool:
     """True when ``path`` is a folder holding a PEFT adapter (``adapter_config.json``)."""
     p = Path(path)
@@ -498,6 +515,11 @@ class LoraModelReader:
     def names(self) -> list[str]:
         return list(self.infos)
 
+    def natural_dtype(self, name: str) -> torch.dtype:
+        """The dtype of tensor ``name`` in the merged model PEFT would give (the base's), whatever the presentation."""
+        info = self.base.infos.get(name)
+        return info.dtype if info is not None else self.infos[name].dtype
+
     def changed(self, name: str) -> bool:
         """Whether the adapter touches tensor ``name`` (every other tensor is the base's)."""
         p = self.adapter.parsed
@@ -519,6 +541,11 @@ class LoraModelReader:
         """The adapter folder when it holds tokenizer files (a tokenizer saved with the adapter), else the base's."""
         if any((self.folder / f).is_file() for f in TOKENIZER_FILES):
             return self.folder
+        return self.base.folder
+
+    @property
+    def side_folder(self) -> Path:
+        """Where the merged model's config comes from: the base model's folder (an adapter has no config.json)."""
         return self.base.folder
 
     def file_list(self) -> list[dict[str, Any]]:
@@ -635,6 +662,22 @@ class LoraModelReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def copy_adapter_tokenizer(reader, out_dir: str | os.PathLike, side: dict[str, Any]) -> None:
+    """When ``reader`` is an adapter saved with its own tokenizer (e.g. with added tokens), replace the tokenizer
+    files copied from its base in ``out_dir`` by the adapter's (``side``: the side-file record, updated)."""
+    if not isinstance(reader, LoraModelReader) or reader.tokenizer_folder != reader.folder:
+        return
+    out_dir = Path(out_dir)
+    for f in TOKENIZER_FILES:
+        if (out_dir / f).is_file():
+            (out_dir / f).unlink()
+    copied = [f for f in TOKENIZER_FILES if (reader.folder / f).is_file()]
+    for f in copied:
+        shutil.copyfile(reader.folder / f, out_dir / f)
+    side["copied"] = [f for f in side.get("copied", []) if f not in TOKENIZER_FILES] + copied
+    side["tokenizer_source"] = str(reader.folder)
 
 
 def resolve_base_model(
@@ -1127,9 +1170,10 @@ class LoraAdapterWriter:
             offset += part.numel() * part.element_size()
 
     def abort(self) -> None:
+        """Close the spill file (like the sharded writer's ``abort``: the caller removes the output folder, and
+        :meth:`close` may still follow)."""
         if self._spill is not None:
             self._spill.abort()
-        shutil.rmtree(self._spill_dir, ignore_errors=True)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

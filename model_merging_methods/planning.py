@@ -8,7 +8,13 @@ Both executors (in memory and streamed) walk the same plans and the same blocks.
 Vocabulary alignment (``vocab_policy``): tensors whose first dimension equals each model's ``vocab_size`` may
 differ in rows across models (e.g. 32000 vs 32001 with a ``[PAD]`` row). ``pad_mean`` (the original's policy,
 §6.2 of the spec) extends every smaller model to the largest vocabulary with rows equal to the mean of its own rows;
-``truncate`` keeps the first rows common to all; ``error`` refuses. Any other shape mismatch is an error.
+``truncate`` keeps the first rows common to all; ``error`` refuses; ``union`` builds the union of the models'
+tokenizers by token string (:mod:`model_merging_methods.vocab`): each model's rows are placed at their tokens' union
+rows, a token only some models added is merged from those models only. Any other shape mismatch is an error.
+
+Fine-tuned models may be PEFT LoRA adapters (:mod:`model_merging_methods.lora`): they are read as
+θ_base + s·B·A over the base model's reader (index 0), in float32 when the base is in half precision (the adapter's
+delta is small: rounding θ to bfloat16 would lose much of it); their output dtype is the base tensor's.
 
 Homology statistics: :func:`delta_statistics` samples |δ| = |θ_ft − θ_pre| of every tensor (up to 4 blocks of 4096
 elements per tensor) for per-model max / 99th / 99.9th percentile |δ|, and :func:`delta_warnings` flags deltas far
@@ -34,7 +40,7 @@ CHUNK_ELEMENTS = 1 << 18  # elements per row block of one model (1 MiB in float3
 MEAN_BLOCK_ROWS = (
     1024  # row block of the float64 sums behind pad_mean rows (fixed, so the mean is repeatable)
 )
-VOCAB_POLICIES = ("pad_mean", "truncate", "error", "auto")
+VOCAB_POLICIES = ("pad_mean", "truncate", "error", "union", "auto")
 LLAMA_FAMILY = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3")
 # non-parameter buffers that some checkpoints carry (never merged, not written: transformers recomputes them)
 BUFFER_PATTERNS = (r".*rotary_emb\.inv_freq$",)
@@ -112,6 +118,7 @@ class Inputs:
     vocab_policy: str
     vocab_actions: list[dict[str, Any]] = field(default_factory=list)
     ignored_buffers: list[str] = field(default_factory=list)
+    union: Any = None  # model_merging_methods.vocab.UnionVocab with vocab_policy "union"
     _mean_rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     _checked: set[tuple[int, str]] = field(default_factory=set)
 
@@ -144,6 +151,8 @@ class Inputs:
         reader, name = self.readers[m], plan.name
         if not plan.shape:
             x = reader.read(name)
+        elif plan.vocab and self.union is not None:
+            x = self.union_blocks(plan, r0, r1, [m])[0][m]
         else:
             have = plan.rows[m]
             rs = plan.row_size
@@ -161,6 +170,23 @@ class Inputs:
         if plan.is_float and upcast:
             x = x.to(compute_dtype(x.dtype))
         return x
+
+    def union_blocks(self, plan: TensorPlan, r0: int, r1: int, models: Sequence[int] | None = None):
+        """(blocks, fixed) of a vocabulary tensor under the union vocabulary (see
+        :meth:`~model_merging_methods.vocab.UnionVocab.aligned_rows`): model rows at their union rows, and the rows
+        whose merged value is fixed (new tokens: their owners' mean; padding: the base's mean row)."""
+        rs, tail = plan.row_size, plan.shape[1:]
+
+        def read_rows(m: int, a: int, b: int) -> torch.Tensor:
+            return self.readers[m].read_flat_slice(plan.name, a * rs, (b - a) * rs).reshape(b - a, *tail)
+
+        return self.union.aligned_rows(r0, r1, read_rows, lambda m: self._mean_row(m, plan), models)
+
+    def fixed_rows(self, plan: TensorPlan, r0: int, r1: int):
+        """None, or (mask, float32 values) of the rows [r0, r1) whose merged value is fixed (union vocabulary)."""
+        if self.union is None or not plan.vocab:
+            return None
+        return self.union_blocks(plan, r0, r1, [])[1]
 
     @property
     def bytes_read(self) -> int:
@@ -200,28 +226,67 @@ def open_inputs(
     out_dtype: torch.dtype | None = None,
     dtype_from: int = 0,
     name_resolver: NameResolver | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> Inputs:
     """Resolve and open every model, check homology (architectures, names, shapes) and plan the alignment.
 
     ``dtype_from`` is the model whose dtype each output tensor keeps when ``out_dtype`` is None (the model the
     core would cast back to: the pretrained model for task arithmetic/TIES, the first model for averaging).
-    ``name_resolver`` maps short model names to hub ids (see :func:`resolve_model_path`).
+    ``name_resolver`` maps short model names to hub ids (see :func:`resolve_model_path`). Models after the first
+    may be PEFT LoRA adapters of the first. ``pad_to_multiple_of`` rounds the union vocabulary's rows up.
     """
     readers: list[CheckpointReader] = []
     try:
-        for p, label in zip(paths, labels):
+        for m, (p, label) in enumerate(zip(paths, labels)):
             folder = resolve_model_path(str(p), name_resolver)
-            reader = CheckpointReader(folder, label)
+            if m > 0 and _is_adapter(folder):
+                from model_merging_methods.lora import open_model_or_adapter
+
+                base = readers[0]
+                half = any(i.dtype in (torch.float16, torch.bfloat16) for i in base.infos.values())
+                reader = open_model_or_adapter(
+                    folder, base, label, name_resolver=name_resolver, dtype=torch.float32 if half else None
+                )
+            else:
+                reader = CheckpointReader(folder, label)
             if reader.config is None:
                 raise MergeError(f"no config.json in {folder} ({label})")
             readers.append(reader)
         return _plan_inputs(
-            readers, list(labels), vocab_policy, exclude_param_names_regex, out_dtype, dtype_from
-        )
+            readers, list(labels), vocab_policy, exclude_param_names_regex, out_dtype, dtype_from,
+            pad_to_multiple_of,
+        )  # fmt: skip
     except BaseException:
         for r in readers:
             r.close()
         raise
+
+
+def _is_adapter(folder) -> bool:
+    from model_merging_methods.lora import is_lora_folder
+
+    return is_lora_folder(folder)
+
+
+def _natural_dtype(reader, name: str) -> torch.dtype:
+    """The dtype a model's tensor has as a checkpoint (an adapter presented in float32: its base's)."""
+    natural = getattr(reader, "natural_dtype", None)
+    return natural(name) if natural is not None else reader.infos[name].dtype
+
+
+def _tokenizer_folder(reader):
+    return getattr(reader, "tokenizer_folder", None) or reader.folder
+
+
+def _union_vocab(readers, labels, vocab_sizes, pad_to_multiple_of):
+    """The union vocabulary of the models' tokenizers (:func:`~model_merging_methods.vocab.build_union_vocab`)."""
+    from model_merging_methods.vocab import build_union_vocab, check_tied_embeddings
+
+    check_tied_embeddings([r.config for r in readers], labels)
+    return build_union_vocab(
+        [_tokenizer_folder(r) for r in readers], labels, embedding_rows=vocab_sizes,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )  # fmt: skip
 
 
 def _plan_inputs(
@@ -231,6 +296,7 @@ def _plan_inputs(
     exclude: Sequence[str],
     out_dtype: torch.dtype | None,
     dtype_from: int,
+    pad_to_multiple_of: int | None = None,
 ) -> Inputs:
     # architectures
     ref_cfg = readers[0].config or {}
@@ -244,6 +310,9 @@ def _plan_inputs(
                 )
     policy = resolve_vocab_policy(vocab_policy, readers)
     vocab_sizes = [_config_vocab(r.config) for r in readers]
+    if pad_to_multiple_of is not None and policy != "union":
+        raise MergeError("pad_to_multiple_of needs vocab_policy union")
+    union = _union_vocab(readers, labels, vocab_sizes, pad_to_multiple_of) if policy == "union" else None
     ignored: set[str] = set()
     names_per_model = []
     for r in readers:
@@ -272,7 +341,11 @@ def _plan_inputs(
             )
         shape = shapes[0]
         vocab = False
-        if len(set(shapes)) > 1:
+        union_rows = union is not None and _is_vocab_tensor(name, shapes, vocab_sizes) and is_float
+        if union_rows:
+            shape = (union.size, *shapes[0][1:])
+            vocab = True
+        elif len(set(shapes)) > 1:
             same_tail = len({s[1:] for s in shapes}) == 1 and all(len(s) >= 1 for s in shapes)
             rows_match_config = all(v is None or s[0] == v for s, v in zip(shapes, vocab_sizes))
             known = any(v is not None for v in vocab_sizes) or re.match(VOCAB_NAME_PATTERN, name)
@@ -303,7 +376,7 @@ def _plan_inputs(
                             "action": "pad_mean" if s[0] < target else "truncate",
                         }  # fmt: skip
                     )
-        od = (out_dtype or dtypes[dtype_from]) if is_float else dtypes[0]
+        od = (out_dtype or _natural_dtype(readers[dtype_from], name)) if is_float else dtypes[0]
         plans[name] = TensorPlan(
             name=name,
             shape=tuple(shape),
@@ -314,7 +387,25 @@ def _plan_inputs(
             vocab=vocab,
             excluded=is_excluded(name, exclude),
         )
-    return Inputs(readers, labels, plans, policy, actions, sorted(ignored))
+    if union is not None:
+        if not any(p.vocab for p in plans.values()):
+            raise MergeError(
+                "vocab_policy union: no tensor has a row per token (config vocab_size) in every model"
+            )
+        actions.append(union.manifest())
+    return Inputs(readers, labels, plans, policy, actions, sorted(ignored), union)
+
+
+def _is_vocab_tensor(name: str, shapes: Sequence[tuple[int, ...]], vocab_sizes: Sequence[int | None]) -> bool:
+    """A tensor with one row per token: a vocabulary-like name and, in every model, as many rows as its config's
+    vocab_size (or, where a config has none, a row count that differs between models)."""
+    if not re.match(VOCAB_NAME_PATTERN, name) or any(len(s) < 2 for s in shapes):
+        return False
+    if len({s[1:] for s in shapes}) != 1:
+        return False
+    if all(v is not None for v in vocab_sizes):
+        return all(s[0] == v for s, v in zip(shapes, vocab_sizes))
+    return len({s[0] for s in shapes}) > 1
 
 
 def delta_statistics(inputs: Inputs, base: int = 0, models: Sequence[int] | None = None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import torch
 
 from model_merging_methods.engine import Dare, Executor, execute
 from model_merging_methods.errors import MergeError
+from model_merging_methods.lora import LoraAdapterWriter, check_output_format, copy_adapter_tokenizer
 from model_merging_methods.mask_weights_utils import MASK_STRATEGIES, WEIGHT_FORMATS
 from model_merging_methods.paths import guard_outputs
 from model_merging_methods.planning import (
@@ -65,6 +66,7 @@ from model_merging_methods.reader import (
 from model_merging_methods.registry import get_method, method_names, shared_params
 from model_merging_methods.threads import default_workers, torch_threads
 from model_merging_methods.validators import check_rate, check_seed, per_model
+from model_merging_methods.vocab import FixedRowsSink, save_union_tokenizer
 from model_merging_methods.writer import (
     TOKENIZER_FILES,
     ShardedSafetensorsWriter,
@@ -157,7 +159,9 @@ def _side_source_index(
 ) -> tuple[Path, int | None]:
     if tokenizer_folder is None:
         m = _pick_side_source(inputs, candidates)
-        return inputs.readers[m].folder, m
+        return getattr(
+            inputs.readers[m], "side_folder", inputs.readers[m].folder
+        ), m  # an adapter: its base's
     for m, r in enumerate(inputs.readers):
         if r.folder.resolve() == tokenizer_folder.resolve():
             return tokenizer_folder, m
@@ -168,10 +172,21 @@ def _input_files(inputs: Inputs, tokenizer_folder: Path | None) -> dict[str, Pat
     """Every file the run reads, by real location (weights may be symbolic links, e.g. into the HF cache)."""
     files: dict[str, Path] = {}
     folders = [(r.label, r.folder, r.weight_files) for r in inputs.readers]
+    folders += [
+        (f"{r.label} tokenizer", r.tokenizer_folder, [])
+        for r in inputs.readers
+        if hasattr(r, "tokenizer_folder")
+    ]
     if tokenizer_folder is not None:
         folders.append(("tokenizer source", tokenizer_folder, []))
     for label, folder, weights in folders:
-        for name in [*weights, "config.json", "generation_config.json", *TOKENIZER_FILES]:
+        for name in [
+            *weights,
+            "config.json",
+            "generation_config.json",
+            "adapter_config.json",
+            *TOKENIZER_FILES,
+        ]:
             path = folder / name
             if os.path.lexists(path):
                 files[f"{label} ({name})"] = Path(os.path.realpath(path))
@@ -216,6 +231,7 @@ def _run(
     dtype_from: int,
     stats_models: list[int] | None,
     body: Callable[[Executor], dict[str, Any]],
+    rewrites: bool = True,
     extra_files: Mapping[str, str] | None = None,
     manifest_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -237,7 +253,11 @@ def _run(
     overwrite, exclude = options.overwrite, options.exclude_param_names_regex
     if num_threads is not None and int(num_threads) < 1:
         raise MergeError(f"num_threads must be >= 1, got {num_threads}")
+    lora_out = check_output_format(options.output_format, options.lora_rank)
     out_dtype = _out_dtype(dtype)
+    adapter_dtype = out_dtype or torch.float32
+    if lora_out:  # the writer factorises θ − θ_base: the merged tensors come to it in float32
+        out_dtype = torch.float32
     shard_bytes = parse_size(max_shard_size)
     folders = [resolve_model_path(str(p), name_resolver) for p in paths]
     tokenizer_folder = (
@@ -250,7 +270,16 @@ def _run(
     guard_outputs({"path": output_path}, model_inputs)
     housekeeping = remove_stale_temporaries(Path(os.path.abspath(os.path.expanduser(output_path))))
     target = check_output_path(output_path, overwrite)
-    inputs = open_inputs(folders, labels, vocab_policy, exclude, out_dtype, dtype_from)
+    inputs = open_inputs(
+        folders,
+        labels,
+        vocab_policy,
+        exclude,
+        out_dtype,
+        dtype_from,
+        name_resolver,
+        options.pad_to_multiple_of,
+    )
     workers = default_workers() if num_threads is None else int(num_threads)
     try:
         guard_outputs({"path": target}, _input_files(inputs, tokenizer_folder))
@@ -262,16 +291,28 @@ def _run(
         warnings += dtype_warnings
         side_folder, side_m = _side_source_index(inputs, tokenizer_folder, side_candidates)
         specs = [(p.name, p.out_dtype, p.shape) for p in inputs.plans.values()]
-        with atomic_output_dir(target, overwrite, kind=f"model ({kind})", housekeeping=housekeeping) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes, check_finite=True)
-            engine = Executor(inputs, writer, base=0, workers=workers)
+        what = f"LoRA adapter ({kind})" if lora_out else f"model ({kind})"
+        with atomic_output_dir(target, overwrite, kind=what, housekeeping=housekeeping) as tmp:
+            if lora_out:
+                writer = LoraAdapterWriter(
+                    tmp, specs, inputs.readers[0], options.lora_rank, svd=options.lora_svd,
+                    adapter_dtype=adapter_dtype, base_model_name_or_path=str(paths[0]), deferred=rewrites,
+                )  # fmt: skip
+            else:
+                writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes, check_finite=True)
+            sink = FixedRowsSink(writer, inputs) if inputs.union is not None else writer
+            engine = Executor(inputs, sink, base=0, workers=workers)
             try:
                 with torch_threads(1):
                     extra = body(engine) or {}
             finally:
                 writer.abort()
-            files = writer.close()
+            closed = writer.close()
+            lora_report = closed if lora_out else None
+            files = sorted(os.listdir(tmp)) if lora_out else closed
             float_dtypes = {torch_dtype_name(p.out_dtype) for p in inputs.plans.values() if p.is_float}
+            if lora_out:
+                float_dtypes = {torch_dtype_name(adapter_dtype)}
             cfg_updates: dict[str, Any] = {}
             if inputs.vocab_rows is not None:
                 cfg_updates["vocab_size"] = inputs.vocab_rows
@@ -281,10 +322,17 @@ def _run(
                 cfg_updates["dtype"] = dtype_name
                 if "torch_dtype" in (side_cfg or {}):
                     cfg_updates["torch_dtype"] = dtype_name
-            side = write_side_files(
-                side_folder, tmp, config_updates=cfg_updates, vocab_size=inputs.vocab_rows,
-                pad_token=pad_token if inputs.vocab_policy == "pad_mean" else None,
-            )  # fmt: skip
+            if lora_out:  # an adapter folder holds no config.json (it would look like a model folder)
+                side = {"source": None, "copied": [], "note": "LoRA adapter: no model side files"}
+            else:
+                side = write_side_files(
+                    side_folder, tmp, config_updates=cfg_updates, vocab_size=inputs.vocab_rows,
+                    pad_token=pad_token if inputs.vocab_policy == "pad_mean" else None,
+                )  # fmt: skip
+            if side_m is not None and not lora_out:
+                copy_adapter_tokenizer(inputs.readers[side_m], tmp, side)
+            if inputs.union is not None and not lora_out:
+                side["tokenizer"] = save_union_tokenizer(inputs.union, tmp, side)
             for file_name, text in (extra_files or {}).items():
                 if os.path.lexists(tmp / file_name):
                     raise MergeError(f"the extra file {file_name} would replace a file of the merged model")
@@ -308,6 +356,7 @@ def _run(
                     for m, r in enumerate(inputs.readers)
                 ],
                 "output": {
+                    "format": "lora" if lora_out else "model",
                     "files": files,
                     "tensors": len(specs),
                     "parameters": sum(p.numel for p in inputs.plans.values()),
@@ -327,6 +376,7 @@ def _run(
                 "warnings": warnings,
                 "housekeeping": housekeeping,
                 "method_details": extra,
+                **({"lora": lora_report} if lora_report is not None else {}),
                 **dict(manifest_extra or {}),
                 "versions": _versions(),
                 "worker_threads": workers,
@@ -508,6 +558,10 @@ class OutputOptions:
     overwrite: bool = False
     num_threads: int | None = None
     name_resolver: NameResolver | None = None
+    output_format: str = "model"  # "model" (a full model folder) or "lora" (a PEFT LoRA adapter of the base)
+    lora_rank: int | None = None
+    lora_svd: str = "auto"
+    pad_to_multiple_of: int | None = None  # vocab_policy "union" only
 
 
 def merge_checkpoints(
@@ -535,6 +589,10 @@ def merge_checkpoints(
     ``method_details.per_tensor`` where they differ from ``params``); ``extra_files`` (file name → text) are written
     beside the manifest and ``manifest_extra`` (JSON-able) is added to it."""
     options = options or OutputOptions()
+    if pretrained is None:  # adapters name their base model
+        from model_merging_methods.lora import resolve_base_model
+
+        pretrained = resolve_base_model(None, list(finetuned), options.name_resolver)
     for file_name in extra_files or {}:
         if not re.fullmatch(r"[\w][\w.\-]*", file_name) or file_name == "merge_manifest.json":
             raise MergeError(f"extra_files: {file_name!r} is not a plain file name for the output folder")
@@ -588,7 +646,7 @@ def merge_checkpoints(
     return _run(
         kind=method if dare is None else f"mask_merging+{method}", paths=[pretrained, *finetuned], labels=labels,
         output_path=output_path, parameters=recorded, options=options, side_candidates=fts, dtype_from=copy_from,
-        stats_models=None, body=body, extra_files=extra_files, manifest_extra=manifest_extra,
+        stats_models=None, body=body, rewrites=spec.stream_pass is not None, extra_files=extra_files, manifest_extra=manifest_extra,
     )  # fmt: skip
 
 
@@ -667,6 +725,10 @@ def stream_merge(
     name_resolver: NameResolver | None = None,
     extra_files: Mapping[str, str] | None = None,
     manifest_extra: Mapping[str, Any] | None = None,
+    output_format: str = "model",
+    lora_rank: int | None = None,
+    lora_svd: str = "auto",
+    pad_to_multiple_of: int | None = None,
     **method_params: Any,
 ) -> dict[str, Any]:
     """:func:`merge_checkpoints` spelled as the command line spells it: ``merging_method_name`` (or
@@ -694,7 +756,8 @@ def stream_merge(
     options = OutputOptions(
         exclude_param_names_regex=tuple(exclude_param_names_regex), dtype=dtype, max_shard_size=max_shard_size,
         vocab_policy=vocab_policy, pad_token=pad_token, tokenizer_source=tokenizer_source, overwrite=overwrite,
-        num_threads=num_threads, name_resolver=name_resolver,
+        num_threads=num_threads, name_resolver=name_resolver, output_format=output_format, lora_rank=lora_rank,
+        lora_svd=lora_svd, pad_to_multiple_of=pad_to_multiple_of,
     )  # fmt: skip
     return merge_checkpoints(
         pretrained, finetuned, output_path, method, params, dare, options, seed=seed, extra_files=extra_files,

@@ -133,32 +133,37 @@ class UnionVocab:
         r1: int,
         read_rows: Callable[[int, int, int], torch.Tensor],
         mean_row: Callable[[int], torch.Tensor],
-    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        models: Sequence[int] | None = None,
+    ) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
         """Every model's rows for union rows [r0, r1), and the rows whose merged value is fixed.
 
         ``read_rows(m, a, b)`` gives model m's stored rows [a, b) (its dtype); ``mean_row(m)`` the mean of model m's
-        rows. Returns (blocks, fixed): ``blocks[m]`` is [r1 - r0, ...] in model m's dtype, where a shared row a model
-        lacks is the base's row (δ = 0) and a new or padding row is the fixed value for every model (so every
-        method sees δ = 0 there); ``fixed`` is None or (mask, values): the rows to set after merging, in float32 —
+        rows. Returns (blocks, fixed): ``blocks[m]`` (for each of ``models``, default all) is [r1 - r0, ...] in model
+        m's dtype, where a shared row a model lacks is the base's row (δ = 0) and a new or padding row is the fixed
+        value for every model (so every method sees δ = 0 there); ``fixed`` is None or (mask, values): the rows to set
+        after merging, in float32 —
         a new token's row is the mean of the rows of the models that have it (exactly the row of a single owner),
         a padding row the mean of the base's rows."""
-        models = range(len(self.row_maps))
-        pieces: list[list[torch.Tensor]] = [[] for _ in models]
+        everyone = range(len(self.row_maps))
+        models = list(everyone) if models is None else list(models)
+        pieces: dict[int, list[torch.Tensor]] = {m: [] for m in models}
         fixed_mask, fixed_vals = [], []
         for a, b, kind in self.row_kinds():
             a, b = max(a, r0), min(b, r1)
             if a >= b:
                 continue
             if kind == ROW_SHARED:
-                base = read_rows(0, a, b)
+                base = None
                 for m in models:
+                    if m == 0 or not bool((self.row_maps[m][a:b] >= 0).all()):
+                        base = read_rows(0, a, b) if base is None else base
                     pieces[m].append(base if m == 0 else self._gather(m, a, b, read_rows, base))
                 fixed_mask.append(torch.zeros(b - a, dtype=torch.bool))
-                fixed_vals.append(torch.zeros(b - a, *base.shape[1:], dtype=torch.float32))
+                fixed_vals.append(None)
                 continue
             if kind == ROW_NEW:
                 total, count = None, torch.zeros(b - a, dtype=torch.float32)
-                for m in models:
+                for m in everyone:
                     ids = self.row_maps[m][a:b]
                     have = ids >= 0
                     if not bool(have.any()):
@@ -175,9 +180,13 @@ class UnionVocab:
             fixed_vals.append(values)
             for m in models:
                 pieces[m].append(values.to(self._dtype(m, read_rows)))
-        blocks = [p[0] if len(p) == 1 else torch.cat(p, 0) for p in pieces]
-        mask = torch.cat(fixed_mask)
-        return blocks, ((mask, torch.cat(fixed_vals, 0)) if bool(mask.any()) else None)
+        blocks = {m: p[0] if len(p) == 1 else torch.cat(p, 0) for m, p in pieces.items()}
+        mask = torch.cat(fixed_mask) if fixed_mask else torch.zeros(0, dtype=torch.bool)
+        if not bool(mask.any()):
+            return blocks, None
+        tail = next(v for v in fixed_vals if v is not None).shape[1:]
+        vals = [v if v is not None else torch.zeros(len(k), *tail) for v, k in zip(fixed_vals, fixed_mask)]
+        return blocks, (mask, torch.cat(vals, 0))
 
     def _dtype(self, m: int, read_rows) -> torch.dtype:
         if m not in self._dtypes:
@@ -347,3 +356,55 @@ def check_tied_embeddings(configs: Sequence[dict[str, Any] | None], labels: Sequ
         shown = ", ".join(f"{label}: {t}" for label, t in known.items())
         raise MergeError(f"the models disagree on tied embeddings (tie_word_embeddings: {shown})")
     return next(iter(known.values())) if known else None
+
+
+class FixedRowsSink:
+    """A sink wrapper that sets the rows whose merged value the union vocabulary fixes (new tokens: their owners'
+    mean, or the only owner's row; padding: the base's mean row) in every block written, whatever the method
+    computed there; everything else passes through to the wrapped writer. ``inputs`` is the planning's
+    :class:`~model_merging_methods.planning.Inputs` (``plans`` and ``fixed_rows``)."""
+
+    def __init__(self, sink, inputs):
+        self.sink, self.inputs = sink, inputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+    def _fix(self, name: str, byte_offset: int, part: torch.Tensor) -> torch.Tensor:
+        plan = self.inputs.plans.get(name)
+        if plan is None or not plan.vocab or part.numel() == 0:
+            return part
+        rs = plan.row_size
+        e0 = byte_offset // part.element_size()
+        e1 = e0 + part.numel()
+        r0, r1 = e0 // rs, -(-e1 // rs)
+        fixed = self.inputs.fixed_rows(plan, r0, r1)
+        if fixed is None:
+            return part
+        mask, values = fixed
+        lo, hi = e0 - r0 * rs, e1 - r0 * rs
+        flat_mask = mask.repeat_interleave(rs)[lo:hi]
+        flat_vals = values.reshape(-1)[lo:hi].to(part.dtype)
+        out = part.reshape(-1).clone()
+        out[flat_mask] = flat_vals[flat_mask]
+        return out.reshape(part.shape)
+
+    def write_at(self, name: str, byte_offset: int, part: torch.Tensor) -> None:
+        self.sink.write_at(name, byte_offset, self._fix(name, byte_offset, part))
+
+    def overwrite_at(self, name: str, byte_offset: int, part: torch.Tensor) -> None:
+        self.sink.overwrite_at(name, byte_offset, self._fix(name, byte_offset, part))
+
+
+def save_union_tokenizer(
+    union: UnionVocab, folder: str | os.PathLike, side: dict[str, Any]
+) -> dict[str, Any]:
+    """Replace the tokenizer files copied into ``folder`` by the union tokenizer (``side``: the side-file record,
+    updated); returns what was written."""
+    folder = Path(folder)
+    for f in TOKENIZER_FILES:
+        if (folder / f).is_file():
+            (folder / f).unlink()
+    side["copied"] = [f for f in side.get("copied", []) if f not in TOKENIZER_FILES]
+    files = union.save(folder)
+    return {"union": True, "files": files, "tokens": union.num_tokens, "rows": union.size}

@@ -156,7 +156,7 @@ def test_aligned_rows_semantics(toks):
         return tables[m].float().mean(0)
 
     blocks, fixed = u.aligned_rows(0, u.size, read_rows, mean_row)
-    assert [b.shape for b in blocks] == [(104, 3)] * 3 and blocks[2].dtype == torch.bfloat16
+    assert [blocks[m].shape for m in range(3)] == [(104, 3)] * 3 and blocks[2].dtype == torch.bfloat16
     for m in range(3):
         assert torch.equal(blocks[m][:100], tables[m][:100])
     mask, values = fixed
@@ -172,6 +172,8 @@ def test_aligned_rows_semantics(toks):
         part, part_fixed = u.aligned_rows(r0, r1, read_rows, mean_row)
         for m in range(3):
             assert torch.equal(part[m], blocks[m][r0:r1])
+        only = u.aligned_rows(r0, r1, read_rows, mean_row, models=[2])
+        assert list(only[0]) == [2] and torch.equal(only[0][2], blocks[2][r0:r1])
         if part_fixed is not None:
             assert torch.equal(part_fixed[0], mask[r0:r1])
             assert torch.equal(part_fixed[1][part_fixed[0]], values[r0:r1][mask[r0:r1]])

@@ -246,13 +246,15 @@ def stream_delta_statistics(
     from tqdm.auto import tqdm
 
     from model_merging_methods.checkpoint_io import CheckpointReader, resolve_model_path
+    from model_merging_methods.lora import open_model_or_adapter
     from utils.cli import UserError
     from utils.llm_registry import hub_id
 
     pre_path, ft_path = resolve_model_path(pretrained, hub_id), resolve_model_path(finetuned, hub_id)
     with (
         CheckpointReader(pre_path, label=pretrained) as pre,
-        CheckpointReader(ft_path, label=finetuned) as ft,
+        # a LoRA adapter is read as θ = θ_pre + s·B·A, in float32 so that δ is the adapter's, not its rounding
+        open_model_or_adapter(ft_path, pre, finetuned, name_resolver=hub_id, dtype=torch.float32) as ft,
     ):
         common = [n for n in ft.names() if n in pre.infos]
         only = sorted(set(ft.names()) ^ set(pre.names()))
