@@ -32,6 +32,7 @@ from model_merging_methods.mask_weights_utils import (
     is_excluded,
     mask_tensor,
 )
+from model_merging_methods.memory import keep_freed_blocks
 from model_merging_methods.planning import TensorPlan
 from model_merging_methods.registry import MergeMethod, TensorContext, get_method
 from model_merging_methods.threads import default_workers, torch_threads  # noqa: F401 - re-exported
@@ -169,6 +170,8 @@ class Executor:
         self.workers = max(1, int(workers))
         self.show_progress = show_progress
         self.device = resolve_device(device)
+        if self.workers > 1:
+            keep_freed_blocks()  # block temporaries reused from the heap, not mapped again (glibc)
         self.stop = threading.Event()  # set when one worker fails or the run is interrupted: the others stop
 
     @property

@@ -36,7 +36,7 @@ StateDict = dict[str, torch.Tensor]
 
 MASK_STRATEGIES = ("random", "magnitude")
 WEIGHT_FORMATS = ("delta_weight", "finetuned_weight")
-RANDOM_CHUNK_ELEMENTS = 1 << 18  # elements drawn and masked at a time on the CPU (the draws stay in the cache)
+RANDOM_CHUNK_ELEMENTS = 1 << 18  # elements drawn and masked at a time on the CPU (draws stay in cache)
 DEVICE_CHUNK_ELEMENTS = 1 << 24  # the same on other devices (fewer, larger kernel launches)
 
 
@@ -85,16 +85,19 @@ def is_excluded(name: str, exclude_param_names_regex: Iterable[str]) -> bool:
     return any(re.match(pattern, name) for pattern in exclude_param_names_regex)
 
 
-def random_mask(x: torch.Tensor, rate: float, use_rescale: bool, stream: rng.Stream) -> torch.Tensor:
+def random_mask(
+    x: torch.Tensor, rate: float, use_rescale: bool, stream: rng.Stream, in_place: bool = False
+) -> torch.Tensor:
     """Random DARE of ``x`` (float32 or float64, any device; element j is element ``stream.start + j`` of the stream,
     in row-major order): ``where(keep, x, +0.0)``, divided by (1 − rate) when ``use_rescale`` (not at rate 1). A new
-    tensor of x's shape, dtype and device; x is not modified."""
+    tensor of x's shape, dtype and device, or x itself, overwritten, with ``in_place`` (x contiguous)."""
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"random_mask works on float32 or float64 values, got {x.dtype}")
     itype = torch.int32 if x.dtype == torch.float32 else torch.int64
-    flat = x.reshape(-1)
+    in_place = in_place and x.is_contiguous()
+    flat = x.view(-1) if in_place else x.reshape(-1)
     n = flat.numel()
-    out = torch.empty_like(flat)
+    out = flat if in_place else torch.empty_like(flat)
     x_bits, out_bits = flat.view(itype), out.view(itype)
     divisor = (
         torch.tensor(1.0 - rate, dtype=x.dtype, device=x.device) if use_rescale and rate != 1.0 else None
@@ -162,7 +165,7 @@ def dare_values(
     shared body of :func:`mask_tensor` and of the executor's DARE pre-step on row blocks."""
     if weight_format == "finetuned_weight":
         return random_mask(x, rate, use_rescale, stream)
-    return pre + random_mask(x - pre, rate, use_rescale, stream)
+    return random_mask(x - pre, rate, use_rescale, stream, in_place=True).add_(pre)  # δ̃ + θ_pre = θ_pre + δ̃
 
 
 def mask_tensor(
@@ -207,7 +210,9 @@ def mask_tensor(
     if weight_format == "delta_weight":
         pre = pretrained_tensor.detach().to(device=device).to(cdtype)
     if mask_strategy == "random":
-        out = dare_values(x, pre, rate, use_weight_rescale, weight_format, rng.Stream(seed, name, model_index))
+        out = dare_values(
+            x, pre, rate, use_weight_rescale, weight_format, rng.Stream(seed, name, model_index)
+        )
     elif weight_format == "finetuned_weight":
         out = mask_input_with_mask_rate(x, rate, use_weight_rescale, mask_strategy)
     else:
