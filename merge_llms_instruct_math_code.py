@@ -11,6 +11,11 @@ Examples::
         --mask_apply_method task_arithmetic --scaling_coefficient 1.0 --weight_mask_rate 0.2 --use_weight_rescale
     python merge_llms_instruct_math_code.py --pretrained_model_name ./base --finetuned_model_names ./a ./b \\
         --merging_method_name ties_merging --param_value_mask_rate 0.8 --skip_evaluation
+    python merge_llms_instruct_math_code.py --config recipe.yml --merged_model_path ./merged --skip_evaluation
+
+``--config`` runs a mergekit YAML recipe with its mergekit meaning (``docs/mergekit.md``); only the output and
+evaluation flags and ``--seed`` may be added. Every merge writes the equivalent mergekit YAML beside its manifest
+(``mergekit_config.yml``) where one exists; otherwise the manifest's ``mergekit`` entry says why.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetuned_model_names", nargs="+", default=None, metavar="NAME_OR_PATH",
         help="models to merge (registry names, hub ids, local folders or PEFT LoRA adapter folders); replaces "
              "--merge_*",
+    )  # fmt: skip
+
+    recipe = p.add_argument_group("mergekit configuration")
+    recipe.add_argument(
+        "--config", default=None, metavar="RECIPE_YML",
+        help="run a mergekit YAML recipe (merge_method, base_model, models, parameters, dtype, tokenizer_source) "
+        "instead of the model and method flags; see docs/mergekit.md",
     )  # fmt: skip
 
     method = p.add_argument_group("merging method (every streamable method of the registry)")
@@ -265,9 +277,94 @@ def guard_paths(
     guard_outputs(eval_dirs, {"--merged_model_path": merged_path})
 
 
+# flags that may come with --config: those of these groups, and the seed of random masks (mergekit: --random-seed)
+CONFIG_GROUPS = ("output", "evaluation", "generation", "mergekit configuration")
+CONFIG_FLAGS = ("seed",)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags given on the command line (whatever their values)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def check_config_flags(argv: list[str]) -> set[str]:
+    """Refuse model and method flags next to --config (the recipe sets those); return the flags given."""
+    parser = build_parser()
+    allowed = set(CONFIG_FLAGS)
+    for group in parser._action_groups:
+        if (group.title or "").startswith(CONFIG_GROUPS):
+            allowed.update(a.dest for a in group._group_actions)
+    given = given_flags(argv)
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    for dest in sorted(given - allowed):
+        raise UserError(
+            f"{flags.get(dest, dest)} cannot be combined with --config: the configuration sets the models and the "
+            "method (only output and evaluation flags and --seed may be added)"
+        )
+    return given
+
+
+def main_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """--config: run a mergekit recipe with the streaming engine (``utils.mergekit_config``), then evaluate."""
+    from model_merging_methods.checkpoint_io import parse_size
+    from utils.cli import check_evaluation_args
+    from utils.llm_registry import hub_id, pad_token_for
+    from utils.mergekit_config import load_recipe, output_options, run_recipe
+
+    given = check_config_flags(argv)
+    recipe = load_recipe(args.config, name_resolver=hub_id)
+    for dest, key in (("dtype", recipe.dtype), ("tokenizer_source", recipe.tokenizer_source)):
+        if key is not None and dest in given:
+            raise UserError(f"--{dest}: the configuration sets {dest} already ({key})")
+    parse_size(args.max_shard_size)
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserError(f"--num_threads must be >= 1, got {args.num_threads}")
+    evaluate = bool(getattr(args, "evaluate_only", False)) or not args.skip_evaluation
+    if evaluate:
+        check_evaluation_args(args)
+    group, save_name = "mergekit", _safe(Path(args.config).stem)
+    merged_path = Path(args.merged_model_path or Path("save_merge_models") / group / save_name)
+    eval_tasks = list(args.evaluate_tasks or [])
+    args.tokenizer_source = recipe.tokenizer_source or args.tokenizer_source
+    guard_paths(args, recipe.base, recipe.models, merged_path, eval_tasks, f"{group}/{save_name}", evaluate)
+    if evaluate and eval_tasks:
+        try:
+            from utils.llm_evaluation import check_data
+        except ImportError:
+            check_data = None
+        if check_data is not None:
+            check_data(_evaluation_datasets(eval_tasks), args)
+    if getattr(args, "evaluate_only", False):
+        if not (merged_path / "config.json").is_file():
+            raise UserError(f"--evaluate_only: no merged model at {merged_path}")
+        return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
+    # mergekit refuses models whose vocabularies differ unless a tokenizer source is named
+    vocab_policy = args.vocab_policy if "vocab_policy" in given or recipe.tokenizer_source else "error"
+    options = output_options(
+        recipe, dtype=args.dtype, tokenizer_source=args.tokenizer_source, max_shard_size=args.max_shard_size,
+        vocab_policy=vocab_policy, pad_token=args.pad_token or pad_token_for(recipe.models),
+        overwrite=args.overwrite, num_threads=args.num_threads, name_resolver=hub_id,
+    )  # fmt: skip
+    manifest = run_recipe(recipe, str(merged_path), options, seed=args.seed)
+    for line in manifest.get("housekeeping", []):
+        print(line, file=sys.stderr)
+    for warning in manifest.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"merged model: {merged_path}")
+    if not args.skip_evaluation:
+        manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.config is not None:
+        return main_config(args, argv)
     from model_merging_methods.checkpoint_io import parse_size
     from model_merging_methods.registry import get_method
     from model_merging_methods.streaming import stream_merge
@@ -315,8 +412,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not (merged_path / "config.json").is_file():
             raise UserError(f"--evaluate_only: no merged model at {merged_path}")
         return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
+    from model_merging_methods.streaming import DareSettings
+    from utils.mergekit_config import equivalent_config, equivalent_files
+
+    dare = None
+    if args.merging_method_name == "mask_merging":
+        dare = DareSettings(rates, args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed)
+    equivalent = equivalent_config(
+        method_name, settings, pretrained, names, dare=dare, dtype=args.dtype, name_resolver=hub_id
+    )
+    extra_files, manifest_extra = equivalent_files(equivalent, args.seed)
     manifest = stream_merge(
-        pretrained, names, str(merged_path),
+        pretrained, names, str(merged_path), extra_files=extra_files, manifest_extra=manifest_extra,
         merging_method_name=args.merging_method_name, **settings,
         mask_apply_method=args.mask_apply_method if args.merging_method_name == "mask_merging" else None,
         weight_mask_rates=rates, use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
