@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from model_merging_methods import rng
+from model_merging_methods.devices import resolve_device
 from model_merging_methods.paths import (
     MANIFEST,
     canonical,
@@ -84,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ablation: WizardCoder-Python-7B/13B deltas against Llama-2 instead of CodeLlama-Python",
     )
     p.add_argument("--seed", type=int, default=0, help="DARE seed (0 as in the original)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where DARE's arithmetic runs: cpu or cuda (cuda:N); the bytes are the same (the evaluation's device "
+        "is chosen by its backend)",
+    )
     p.add_argument(
         "--save_model_path",
         default=None,
@@ -194,6 +202,9 @@ def check_reusable_dare_model(path: Path, args: argparse.Namespace, finetuned: s
     if manifest.get("kind") != "dare" or not isinstance(params, dict):
         raise UserError(f"--save_model_path {path} holds a {manifest.get('kind')!r} model, not a DARE'd one")
     diff = [f"{k}={params.get(k)!r} (now {v!r})" for k, v in want.items() if params.get(k) != v]
+    if args.mask_strategy == "random" and manifest.get("random_generator") != rng.describe():
+        # masks of another generator (before version 1: a Mersenne Twister uniform per element) are other masks
+        diff.append(f"random generator {manifest.get('random_generator')!r} (now {rng.describe()!r})")
     inputs = manifest.get("inputs") or []
     sources = [(i or {}).get("name_or_path") for i in inputs[:2]] if isinstance(inputs, list) else []
     folders = [(i or {}).get("folder") for i in inputs[:2]] if isinstance(inputs, list) else []
@@ -243,6 +254,11 @@ def main(argv=None) -> dict:
     # every flag is checked before any file or folder is written
     check_rate("--weight_mask_rate", args.weight_mask_rate)
     check_evaluation_args(args)
+    if args.weight_mask_rate > 0.0:
+        try:
+            resolve_device(args.device)
+        except ValueError as exc:
+            raise UserError(f"--device: {exc}") from exc
     name = args.finetuned_model_name
     if args.wizardcoder_use_llama2_as_backbone and args.pretrained_model_name:
         raise UserError("--wizardcoder_use_llama2_as_backbone and --pretrained_model_name exclude each other")
@@ -321,6 +337,7 @@ def main(argv=None) -> dict:
                             exclude_param_names_regex=(),
                             pad_token=pad_token_for([name, backbone]),
                             name_resolver=hub_id,
+                            device=args.device,
                         )  # fmt: skip
                     )
                 model_path = str(masked_path)

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_threads", type=int, default=None,
         help="worker threads, one tensor each (default: the usable CPUs, at most 8); the bytes do not depend on it",
     )  # fmt: skip
+    out.add_argument(
+        "--device", default="cpu",
+        help="where the merge arithmetic runs: cpu or cuda (cuda:N); the inputs are still streamed from disk and "
+        "the bytes are those of the CPU (see docs/performance.md for the methods this holds for)",
+    )  # fmt: skip
 
     # ---------------------------------------- evaluation flags (one block) ----------------------------------------
     ev = p.add_argument_group("evaluation (utils.llm_evaluation)")
@@ -282,6 +287,16 @@ CONFIG_GROUPS = ("output", "evaluation", "generation", "mergekit configuration")
 CONFIG_FLAGS = ("seed",)
 
 
+def check_device(device: str) -> None:
+    """--device names a usable device (cuda without CUDA is one error line, before anything is read)."""
+    from model_merging_methods.devices import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise UserError(f"--device: {exc}") from exc
+
+
 def given_flags(argv: list[str]) -> set[str]:
     """The destinations of the flags given on the command line (whatever their values)."""
     probe = build_parser()
@@ -322,6 +337,7 @@ def main_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     parse_size(args.max_shard_size)
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num_threads must be >= 1, got {args.num_threads}")
+    check_device(args.device)
     evaluate = bool(getattr(args, "evaluate_only", False)) or not args.skip_evaluation
     if evaluate:
         check_evaluation_args(args)
@@ -346,7 +362,7 @@ def main_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     options = output_options(
         recipe, dtype=args.dtype, tokenizer_source=args.tokenizer_source, max_shard_size=args.max_shard_size,
         vocab_policy=vocab_policy, pad_token=args.pad_token or pad_token_for(recipe.models),
-        overwrite=args.overwrite, num_threads=args.num_threads, name_resolver=hub_id,
+        overwrite=args.overwrite, num_threads=args.num_threads, name_resolver=hub_id, device=args.device,
     )  # fmt: skip
     manifest = run_recipe(recipe, str(merged_path), options, seed=args.seed)
     for line in manifest.get("housekeeping", []):
@@ -394,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num_threads must be >= 1, got {args.num_threads}")
+    check_device(args.device)
     evaluate = bool(getattr(args, "evaluate_only", False)) or not args.skip_evaluation
     if evaluate:
         check_evaluation_args(args)
@@ -431,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         vocab_policy=args.vocab_policy, pad_token=args.pad_token or pad_token_for(names),
         tokenizer_source=args.tokenizer_source, overwrite=args.overwrite, num_threads=args.num_threads,
         name_resolver=hub_id, output_format=args.output_format, lora_rank=args.lora_rank, lora_svd=args.lora_svd,
-        pad_to_multiple_of=args.pad_to_multiple_of,
+        pad_to_multiple_of=args.pad_to_multiple_of, device=args.device,
     )  # fmt: skip
     for line in manifest.get("housekeeping", []):
         print(line, file=sys.stderr)

@@ -210,7 +210,9 @@ class Stream:
         """:func:`keep_bits` for elements ``offset .. offset + count - 1`` of the tensor this stream is applied to."""
         return keep_bits(self.seed, self.name, self.model_index, self.start + offset, count, p, device, dtype)
 
-    def keep_mask(self, offset: int, count: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    def keep_mask(
+        self, offset: int, count: int, p: float, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         return keep_mask(self.seed, self.name, self.model_index, self.start + offset, count, p, device)
 
 

@@ -35,6 +35,9 @@ from typing import Any
 
 import torch
 
+from model_merging_methods import rng
+from model_merging_methods.devices import describe as describe_device
+from model_merging_methods.devices import resolve_device
 from model_merging_methods.engine import Dare, Executor, execute
 from model_merging_methods.errors import MergeError
 from model_merging_methods.lora import LoraAdapterWriter, check_output_format, copy_adapter_tokenizer
@@ -253,6 +256,7 @@ def _run(
     overwrite, exclude = options.overwrite, options.exclude_param_names_regex
     if num_threads is not None and int(num_threads) < 1:
         raise MergeError(f"num_threads must be >= 1, got {num_threads}")
+    device = resolve_device(options.device)  # an unusable device fails before anything is read
     lora_out = check_output_format(options.output_format, options.lora_rank)
     out_dtype = _out_dtype(dtype)
     adapter_dtype = out_dtype or torch.float32
@@ -301,7 +305,7 @@ def _run(
             else:
                 writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes, check_finite=True)
             sink = FixedRowsSink(writer, inputs) if inputs.union is not None else writer
-            engine = Executor(inputs, sink, base=0, workers=workers)
+            engine = Executor(inputs, sink, base=0, workers=workers, device=device)
             try:
                 with torch_threads(1):
                     extra = body(engine) or {}
@@ -379,6 +383,8 @@ def _run(
                 **({"lora": lora_report} if lora_report is not None else {}),
                 **dict(manifest_extra or {}),
                 "versions": _versions(),
+                "random_generator": rng.describe(),  # DARE masks and DELLA draws (masks differ before version 1)
+                "device": describe_device(device),
                 "worker_threads": workers,
                 "bytes_read": inputs.bytes_read,
                 "bytes_written": writer.bytes_written,
@@ -429,10 +435,11 @@ def stream_mask_model(
     overwrite: bool = False,
     num_threads: int | None = None,
     name_resolver: NameResolver | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """DARE of one model, streamed: the same bytes as ``mask_model_weights(finetuned, pretrained, ...)`` (with
-    ``model_index=None``) on the vocabulary-aligned models. Excluded tensors are copied from the fine-tuned model.
-    Writes a complete model folder at ``output_path`` and returns the manifest."""
+    ``model_index=None``) on the vocabulary-aligned models, on any ``device``. Excluded tensors are copied from the
+    fine-tuned model. Writes a complete model folder at ``output_path`` and returns the manifest."""
     rate = check_rate("weight_mask_rate", weight_mask_rate)
     _check_dare(weight_format, mask_strategy)
     params = dict(
@@ -452,7 +459,7 @@ def stream_mask_model(
         options=OutputOptions(
             exclude_param_names_regex=tuple(exclude_param_names_regex), dtype=dtype, max_shard_size=max_shard_size,
             vocab_policy=vocab_policy, pad_token=pad_token, tokenizer_source=tokenizer_source, overwrite=overwrite,
-            num_threads=num_threads, name_resolver=name_resolver,
+            num_threads=num_threads, name_resolver=name_resolver, device=device,
         ),
     )  # fmt: skip
 
@@ -562,6 +569,7 @@ class OutputOptions:
     lora_rank: int | None = None
     lora_svd: str = "auto"
     pad_to_multiple_of: int | None = None  # vocab_policy "union" only
+    device: str | None = None  # where the arithmetic runs: "cpu" (None) or "cuda"; the bytes are the same
 
 
 def merge_checkpoints(
@@ -729,6 +737,7 @@ def stream_merge(
     lora_rank: int | None = None,
     lora_svd: str = "auto",
     pad_to_multiple_of: int | None = None,
+    device: str | None = None,
     **method_params: Any,
 ) -> dict[str, Any]:
     """:func:`merge_checkpoints` spelled as the command line spells it: ``merging_method_name`` (or
@@ -757,7 +766,7 @@ def stream_merge(
         exclude_param_names_regex=tuple(exclude_param_names_regex), dtype=dtype, max_shard_size=max_shard_size,
         vocab_policy=vocab_policy, pad_token=pad_token, tokenizer_source=tokenizer_source, overwrite=overwrite,
         num_threads=num_threads, name_resolver=name_resolver, output_format=output_format, lora_rank=lora_rank,
-        lora_svd=lora_svd, pad_to_multiple_of=pad_to_multiple_of,
+        lora_svd=lora_svd, pad_to_multiple_of=pad_to_multiple_of, device=device,
     )  # fmt: skip
     return merge_checkpoints(
         pretrained, finetuned, output_path, method, params, dare, options, seed=seed, extra_files=extra_files,

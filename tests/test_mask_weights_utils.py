@@ -148,7 +148,8 @@ def test_bfloat16_in_bfloat16_out_with_float32_math():
     ft = {n: (t + 0.01 * torch.randn_like(t)).to(torch.bfloat16) for n, t in _model(0).items()}
     out = mask_tensor("layer.0.w", ft["layer.0.w"], pre["layer.0.w"], weight_mask_rate=0.5, seed=1)
     assert out.dtype == torch.bfloat16
-    keep = rng.keep_mask(1, "layer.0.w", None, 0, pre["layer.0.w"].numel(), 0.5).reshape(pre["layer.0.w"].shape)
+    shape = pre["layer.0.w"].shape
+    keep = rng.keep_mask(1, "layer.0.w", None, 0, shape.numel(), 0.5).reshape(shape)
     delta = ft["layer.0.w"].float() - pre["layer.0.w"].float()
     ref = (pre["layer.0.w"].float() + torch.where(keep, delta, torch.zeros(())) / 0.5).to(torch.bfloat16)
     assert torch.equal(out, ref)
