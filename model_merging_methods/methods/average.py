@@ -26,7 +26,9 @@ def average_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     total = tensors[0].detach().to(cdtype).clone()
     for t in tensors[1:]:
         total += t.detach().to(cdtype)
-    return (total / len(tensors)).to(tensors[0].dtype)
+    # a divisor on the tensors' device: CUDA multiplies by the reciprocal of a CPU scalar (not the CPU's bytes)
+    count = torch.tensor(float(len(tensors)), dtype=total.dtype, device=total.device)
+    return (total / count).to(tensors[0].dtype)
 
 
 def linear_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:

@@ -127,7 +127,8 @@ def keep_probabilities(
         order = torch.argsort(rows.abs(), dim=-1, stable=True)
         positions = torch.arange(n, device=tau.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(-1, order, positions)
-        rank_norm = rank.to(tau.dtype) / (n - 1)
+        # a divisor on tau's device: CUDA multiplies by the reciprocal of a CPU scalar (not the CPU's bytes)
+        rank_norm = rank.to(tau.dtype) / torch.tensor(float(n - 1), dtype=tau.dtype, device=tau.device)
     centre = (1.0 - rate) if density is None else density
     q = (centre - epsilon) + (2.0 * epsilon) * rank_norm
     return q.clamp_(max=1.0).reshape(tau.shape)
