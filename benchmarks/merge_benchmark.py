@@ -1,7 +1,7 @@
 """Wall time and peak memory of out-of-core LLM merging, as whole processes, against baselines and mergekit.
 
     python benchmarks/merge_benchmark.py --hidden_size 1024 --num_layers 8 --vocab_size 32000 \\
-        --mergekit_venv /tmp/mkvenv
+        --mergekit_venv /tmp/mkvenv --repeats 3 --baseline before=/tmp/worktree_of_an_older_commit
 
 Builds (once, cached under ``--work_dir``) a synthetic LLaMA-shaped family: a bfloat16 base with N(0, 0.02²)
 weights and ``--num_finetuned`` fine-tuned models = base + N(0, ``--delta_std``²), single-file safetensors with a
@@ -9,16 +9,26 @@ LLaMA ``config.json``. Then every run is a separate process (wall time from star
 ``os.wait4``'s rusage of that process; this process stays small, so that figure is the child's own), one after
 the other, after a warm-up read so every run finds the inputs in the page cache:
 
-* ``read_write``: read every input tensor and write one output of the same size (the I/O floor);
+* ``read_write``: read every input tensor and write one output of the same size (the I/O floor of a merge);
+  ``read_write_single``: the same for the base and one fine-tuned model (the floor of single-model DARE);
 * ``ours_ta`` / ``ours_dare_ties*``: ``merge_llms_instruct_math_code.py`` (this project's streaming engine);
+* ``ours_dare_single``: ``inference_llms_instruct_math_code.py --skip_evaluation`` with DARE (``stream_mask_model``
+  of the first fine-tuned model);
+* ``ours_<method>``: the registry's newer methods with their default parameters (``ours_slerp`` merges the first
+  two models);
 * ``naive_ta`` / ``naive_dare_ties``: load every model into RAM, call the in-memory core, save (the original's
   approach, in the checkpoints' dtype instead of its float32);
-* ``mergekit_ta`` / ``mergekit_dare_ties``: ``mergekit-yaml`` from ``--mergekit_venv`` (mergekit 0.1.5), same models.
+* ``mergekit_ta`` / ``mergekit_dare_ties``: ``mergekit-yaml`` from ``--mergekit_venv`` (mergekit 0.1.5), same models;
+* ``NAME:run`` for every ``--baseline NAME=REPO`` and every run of ``--baseline_runs``: the same command run from
+  another checkout of this project (e.g. a ``git worktree`` of an older commit), for before/after figures from one
+  run.
 
 DARE + TIES settings: drop rate p = 1 − ``--density`` with rescale. mergekit's ``dare_ties`` has no magnitude
 trim (DARE, then sign election and disjoint mean), which is our TIES with ``--param_value_mask_rate 0``
 (``ours_dare_ties``); ``ours_dare_ties_trim_global`` / ``_trim_tensor`` add the paper's TIES trim (r = 0.8) with
-global (exact, streamed) or per-tensor thresholds. Results: a JSON and a Markdown table under ``--work_dir``.
+global (exact, streamed) or per-tensor thresholds. Each run is repeated ``--repeats`` times and the median (or
+the minimum, ``--statistic min``) wall time is reported, with the load average before each repeat. Results: a
+JSON and a Markdown table under ``--work_dir``.
 """
 
 from __future__ import annotations
@@ -39,17 +49,29 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+NEW_METHODS = {  # run name -> (method, extra flags); default parameters otherwise
+    "ours_breadcrumbs": ("breadcrumbs_merging", []),
+    "ours_della": ("della_merging", []),
+    "ours_model_stock": ("model_stock_merging", []),
+    "ours_slerp": ("slerp_merging", []),
+    "ours_magmax": ("magmax_merging", []),
+    "ours_consensus": ("consensus_merging", []),
+}
 ALL_RUNS = (
     "read_write",
+    "read_write_single",
     "ours_ta",
     "ours_dare_ties",
     "ours_dare_ties_trim_global",
     "ours_dare_ties_trim_tensor",
+    "ours_dare_single",
+    *NEW_METHODS,
     "naive_ta",
     "naive_dare_ties",
     "mergekit_ta",
     "mergekit_dare_ties",
 )
+BASELINE_RUNS = ("ours_ta", "ours_dare_ties", "ours_dare_ties_trim_global", "ours_dare_single")
 
 
 # ----------------------------------------------------------------------------------------------------- family
@@ -165,18 +187,30 @@ def mergekit_config(method: str, family: dict[str, Path], density: float) -> str
 
 
 def command_for(
-    run: str, family: dict[str, Path], out: Path, work: Path, args: argparse.Namespace
+    run: str, family: dict[str, Path], out: Path, work: Path, args: argparse.Namespace, repo: Path = REPO_ROOT
 ) -> list[str] | None:
     fts = [str(f) for n, f in family.items() if n != "base"]
     py = sys.executable
     rate = round(1.0 - args.density, 6)
-    ours = [py, str(REPO_ROOT / "merge_llms_instruct_math_code.py"), "--pretrained_model_name", str(family["base"]),
+    ours = [py, str(repo / "merge_llms_instruct_math_code.py"), "--pretrained_model_name", str(family["base"]),
             "--finetuned_model_names", *fts, "--merged_model_path", str(out), "--skip_evaluation", "--overwrite"]  # fmt: skip
     dare = ["--merging_method_name", "mask_merging", "--mask_apply_method", "ties_merging", "--weight_mask_rate",
             str(rate), "--use_weight_rescale"]  # fmt: skip
-    if run == "read_write":
-        inputs = [str(f) for f in family.values()]
+    if run in ("read_write", "read_write_single"):
+        inputs = [str(f) for f in family.values()][: 2 if run == "read_write_single" else None]
         return [py, "-c", READ_WRITE.format(repo=str(REPO_ROOT), inputs=inputs, out=str(out), block=1 << 18)]
+    if run == "ours_dare_single":
+        return [py, str(repo / "inference_llms_instruct_math_code.py"), "--finetuned_model_name", fts[0],
+                "--pretrained_model_name", str(family["base"]), "--weight_mask_rate", str(rate),
+                "--use_weight_rescale", "--skip_evaluation", "--save_model_path", str(out),
+                "--output_dir", str(work / "eval_logs")]  # fmt: skip
+    if run in NEW_METHODS:
+        method, extra = NEW_METHODS[run]
+        cmd = [*ours, "--merging_method_name", method, *extra]
+        if run == "ours_slerp":  # exactly two models
+            i = cmd.index("--finetuned_model_names")
+            cmd[i + 1 : i + 1 + len(fts)] = fts[:2]
+        return cmd
     if run == "ours_ta":
         return [*ours, "--merging_method_name", "task_arithmetic", "--scaling_coefficient", "1.0"]
     if run == "ours_dare_ties":
@@ -203,10 +237,11 @@ def command_for(
     raise ValueError(run)
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float | int]:
+def measure(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> dict[str, float | int]:
     """Run one process; wall time from spawn to exit and its peak RSS (os.wait4 rusage, Linux KiB)."""
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -215,7 +250,22 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float | int]:
         tail = out.decode(errors="replace")[-3000:]
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"wall_s": wall, "peak_rss_bytes": rss, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+    return {
+        "wall_s": wall, "peak_rss_bytes": rss, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "load_before": load,
+    }  # fmt: skip
+
+
+def summarize_repeats(repeats: list[dict], statistic: str) -> dict:
+    """The repeat with the median (or minimum) wall time, with every wall time and load average recorded."""
+    ordered = sorted(repeats, key=lambda m: m["wall_s"])
+    chosen = ordered[0] if statistic == "min" else ordered[(len(ordered) - 1) // 2]
+    return {
+        **chosen,
+        "statistic": statistic,
+        "wall_s_all": [round(m["wall_s"], 3) for m in repeats],
+        "load_before_all": [round(m["load_before"], 2) for m in repeats],
+        "peak_rss_bytes_max": max(m["peak_rss_bytes"] for m in repeats),
+    }
 
 
 def warm_page_cache(family: dict[str, Path]) -> None:
@@ -244,9 +294,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--density", type=float, default=0.5, help="DARE keep rate (drop rate p = 1 - density)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", nargs="+", choices=ALL_RUNS, default=list(ALL_RUNS))
+    p.add_argument("--repeats", type=int, default=1, help="runs per variant (see --statistic)")
     p.add_argument(
-        "--repeats", type=int, default=1, help="runs per variant; the minimum wall time is reported"
+        "--statistic", choices=["median", "min"], default="median", help="which repeat is reported"
     )
+    p.add_argument(
+        "--baseline", action="append", default=[], metavar="NAME=REPO",
+        help="another checkout of this project (e.g. a git worktree of an older commit) whose --baseline_runs are "
+        "run too, as NAME:run",
+    )  # fmt: skip
+    p.add_argument("--baseline_runs", nargs="+", choices=BASELINE_RUNS, default=list(BASELINE_RUNS))
+    p.add_argument(
+        "--interleave", action="store_true",
+        help="run the repeats round-robin over the variants (fairer on a machine whose load changes)",
+    )  # fmt: skip
     p.add_argument("--mergekit_venv", default=None, help="virtualenv with mergekit 0.1.5 (mergekit-yaml)")
     p.add_argument("--mergekit_args", nargs="*", default=[], help="extra mergekit-yaml options")
     p.add_argument("--keep_outputs", action="store_true")
@@ -280,51 +341,77 @@ def main(argv: list[str] | None = None) -> dict:
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     warm_page_cache(family)
-    rows: dict[str, dict] = {}
-    for run in args.runs:
-        out = work / f"out_{tag}_{run}"
-        best = None
-        for _ in range(args.repeats):
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = command_for(run, family, out, work, args)
-            if cmd is None:
-                break
-            m = measure(cmd, env)
-            best = m if best is None or m["wall_s"] < best["wall_s"] else best
-        if best is None:
-            print(f"{run}: skipped (no --mergekit_venv)")
+    baselines: dict[str, Path] = {}
+    for spec in args.baseline:
+        name, _, path = spec.partition("=")
+        if not name or not path or not (Path(path) / "merge_llms_instruct_math_code.py").is_file():
+            raise SystemExit(f"error: --baseline {spec}: expected NAME=REPO with a checkout of this project")
+        baselines[name] = Path(path).resolve()
+    variants: list[tuple[str, str, Path]] = [(run, run, REPO_ROOT) for run in args.runs]
+    for name, repo in baselines.items():
+        variants += [(f"{name}:{run}", run, repo) for run in args.baseline_runs]
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+    skipped: set[str] = set()
+    order = (
+        [v for _ in range(args.repeats) for v in variants]
+        if args.interleave
+        else [v for v in variants for _ in range(args.repeats)]
+    )
+    for label, run, repo in order:
+        if label in skipped:
             continue
-        rows[run] = best
-        print(f"{run}: {best['wall_s']:.1f} s, peak RSS {best['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+        out = work / f"out_{tag}_{label.replace(':', '_')}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = command_for(run, family, out, work, args, repo)
+        if cmd is None:
+            print(f"{label}: skipped (no --mergekit_venv)")
+            skipped.add(label)
+            continue
+        m = measure(cmd, env, cwd=work)
+        results[label].append(m)
+        print(
+            f"{label}: {m['wall_s']:.2f} s, peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB, "
+            f"load {m['load_before']:.2f}",
+            flush=True,
+        )
         if not args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
+    rows: dict[str, dict] = {
+        label: summarize_repeats(ms, args.statistic) for label, ms in results.items() if ms
+    }
 
     def get(run, key):
         return rows[run][key] if run in rows else None
 
+    def r(a, b, key="wall_s"):
+        return ratio(get(a, key), get(b, key))
+
     ratios = {
-        "ours_ta / mergekit_ta (time)": ratio(get("ours_ta", "wall_s"), get("mergekit_ta", "wall_s")),
-        "ours_dare_ties / mergekit_dare_ties (time)": ratio(
-            get("ours_dare_ties", "wall_s"), get("mergekit_dare_ties", "wall_s")
+        "ours_ta / mergekit_ta (time)": r("ours_ta", "mergekit_ta"),
+        "ours_dare_ties / mergekit_dare_ties (time; target <= 0.35)": r(
+            "ours_dare_ties", "mergekit_dare_ties"
         ),
-        "ours_dare_ties_trim_global / mergekit_dare_ties (time)": ratio(
-            get("ours_dare_ties_trim_global", "wall_s"), get("mergekit_dare_ties", "wall_s")
+        "ours_dare_ties_trim_global / mergekit_dare_ties (time; target <= 0.5)": r(
+            "ours_dare_ties_trim_global", "mergekit_dare_ties"
         ),
-        "ours_dare_ties_trim_tensor / mergekit_dare_ties (time)": ratio(
-            get("ours_dare_ties_trim_tensor", "wall_s"), get("mergekit_dare_ties", "wall_s")
+        "ours_dare_ties_trim_tensor / mergekit_dare_ties (time)": r(
+            "ours_dare_ties_trim_tensor", "mergekit_dare_ties"
         ),
-        "ours_ta / mergekit_ta (peak RSS)": ratio(
-            get("ours_ta", "peak_rss_bytes"), get("mergekit_ta", "peak_rss_bytes")
+        "ours_ta / read_write (time; target <= 1.2)": r("ours_ta", "read_write"),
+        "ours_dare_single / read_write_single (time; target <= 1.5)": r(
+            "ours_dare_single", "read_write_single"
         ),
-        "ours_dare_ties / mergekit_dare_ties (peak RSS)": ratio(
-            get("ours_dare_ties", "peak_rss_bytes"), get("mergekit_dare_ties", "peak_rss_bytes")
+        "ours_ta / mergekit_ta (peak RSS)": r("ours_ta", "mergekit_ta", "peak_rss_bytes"),
+        "ours_dare_ties / mergekit_dare_ties (peak RSS)": r(
+            "ours_dare_ties", "mergekit_dare_ties", "peak_rss_bytes"
         ),
-        "ours_ta / read_write (time)": ratio(get("ours_ta", "wall_s"), get("read_write", "wall_s")),
-        "ours_ta / naive_ta (time)": ratio(get("ours_ta", "wall_s"), get("naive_ta", "wall_s")),
-        "ours_ta / naive_ta (peak RSS)": ratio(
-            get("ours_ta", "peak_rss_bytes"), get("naive_ta", "peak_rss_bytes")
-        ),
+        "ours_ta / naive_ta (time)": r("ours_ta", "naive_ta"),
+        "ours_ta / naive_ta (peak RSS)": r("ours_ta", "naive_ta", "peak_rss_bytes"),
     }
+    for name in baselines:
+        for run in args.baseline_runs:
+            ratios[f"{run} / {name}:{run} (time)"] = r(run, f"{name}:{run}")
+            ratios[f"{run} / {name}:{run} (peak RSS)"] = r(run, f"{name}:{run}", "peak_rss_bytes")
     result = {
         "family": {
             "hidden_size": args.hidden_size,
@@ -346,15 +433,25 @@ def main(argv: list[str] | None = None) -> dict:
             "benchmark_process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         },
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "baselines": {name: str(path) for name, path in baselines.items()},
+        "statistic": args.statistic,
+        "repeats": args.repeats,
         "runs": rows,
         "ratios": {k: v for k, v in ratios.items() if v is not None},
     }
     work.mkdir(parents=True, exist_ok=True)
     (work / f"merge_benchmark_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| run | wall time (s) | peak RSS (MiB) | CPU user+sys (s) |", "|---|---|---|---|"]
+    lines = [
+        f"| run | wall time (s, {args.statistic}) | all wall times (s) | peak RSS (MiB) | CPU user+sys (s) | "
+        "load before |",
+        "|---|---|---|---|---|---|",
+    ]
     for run, m in rows.items():
+        walls = ", ".join(f"{w:.2f}" for w in m["wall_s_all"])
+        loads = ", ".join(f"{x:.1f}" for x in m["load_before_all"])
         lines.append(
-            f"| {run} | {m['wall_s']:.1f} | {m['peak_rss_bytes'] / 2**20:.0f} | {m['user_s'] + m['sys_s']:.1f} |"
+            f"| {run} | {m['wall_s']:.2f} | {walls} | {m['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{m['user_s'] + m['sys_s']:.1f} | {loads} |"
         )
     lines += ["", "| ratio | value |", "|---|---|"] + [
         f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()
