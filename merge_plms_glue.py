@@ -259,8 +259,17 @@ def planned_outputs(args: argparse.Namespace, settings: MergeSettings, tasks: li
 class GlueMergeRun:
     """State shared by the merges of one invocation: tokenizer, data, models, statistics cache."""
 
-    def __init__(self, args: argparse.Namespace, settings: MergeSettings, tasks: list[str]):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        settings: MergeSettings,
+        tasks: list[str],
+        load_train: bool | None = None,
+    ):
+        """``load_train``: load the training splits (default: when ``settings``' method needs statistics); a
+        caller that runs several methods on one instance (the offline story) passes True."""
         self.args, self.settings, self.tasks = args, settings, tasks
+        self._evaluators: dict[str, GlueEvaluator] = {}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model_dirs = {
             t: require_finetuned_model(
@@ -284,7 +293,7 @@ class GlueMergeRun:
         )  # fmt: skip
         self.tokenizer = load_tokenizer(args.language_model_name)
         splits = ["test"] + (["validation"] if settings.selection_split == "validation" else [])
-        if settings.base_method in DATA_METHODS:
+        if load_train or (load_train is None and settings.base_method in DATA_METHODS):
             splits.append("train")
         self.data = {
             t: load_glue_task(t, self.tokenizer, args.glue_data_dir, splits, max_seq_length=settings.max_seq_length,
@@ -332,8 +341,19 @@ class GlueMergeRun:
         )  # fmt: skip
 
     def _evaluator(self, task: str, settings: MergeSettings) -> GlueEvaluator:
-        eval_model = copy.deepcopy(self.models[task])  # the task's own head stays; the backbone is replaced
-        return GlueEvaluator(eval_model, self.tokenizer, self.args.batch_size, seed=settings.seed)
+        """One evaluator per task, kept for the whole run: a copy of the task's fine-tuned model whose backbone
+        every evaluation overwrites with the merged one (its head stays the task's own)."""
+        if task not in self._evaluators:
+            model = copy.deepcopy(self.models[task])
+            self._evaluators[task] = GlueEvaluator(
+                model, self.tokenizer, self.args.batch_size, seed=settings.seed
+            )
+        return self._evaluators[task]
+
+    def close(self) -> None:
+        for evaluator in self._evaluators.values():
+            evaluator.close()
+        self._evaluators.clear()
 
     def _check_heads(self, task: str, evaluator: GlueEvaluator) -> None:
         own = dict(self.models[task].named_parameters())
@@ -357,13 +377,8 @@ class GlueMergeRun:
             load_parameters_(evaluator.model, params)
             return evaluator.evaluate(self.data[target][split], target)
 
-        try:
-            found = search_pair(
-                merger, candidates, evaluate, target, settings.selection_split, settings.metric
-            )
-            self._check_heads(target, evaluator)
-        finally:
-            evaluator.close()
+        found = search_pair(merger, candidates, evaluate, target, settings.selection_split, settings.metric)
+        self._check_heads(target, evaluator)
         result = {
             **found["test_metrics"],
             **found["hyperparameters"],
@@ -387,9 +402,15 @@ class GlueMergeRun:
     def finetuned_scores(self, settings: MergeSettings) -> dict:
         """Each fine-tuned model on its own task's test split (cached in a file per protocol)."""
         path = all_tasks_paths(self.args.results_dir, self.tasks, settings)["finetuned"]
+        fingerprint = {t: _fingerprint(d) for t, d in self.model_dirs.items()}
         if path.is_file():
             data = read_json(path)
-            if isinstance(data, dict) and list(data.get("tasks", [])) == self.tasks and "test_scores" in data:
+            if (
+                isinstance(data, dict)
+                and list(data.get("tasks", [])) == self.tasks
+                and data.get("fingerprint") == fingerprint
+                and "test_scores" in data
+            ):
                 return data
         metrics, scores = {}, {}
         for task in self.tasks:
@@ -405,7 +426,7 @@ class GlueMergeRun:
             "merge_mode": "all", "method": "fine-tuned (individual)", "tasks": self.tasks,
             "model": model_short_name(settings.language_model_name), "common_suffix": common_suffix(settings),
             "metric": settings.metric, "score_keys": {t: score_key(t, settings.metric) for t in self.tasks},
-            "models": {t: str(d) for t, d in self.model_dirs.items()}, "test_scores": scores,
+            "models": {t: str(d) for t, d in self.model_dirs.items()}, "fingerprint": fingerprint, "test_scores": scores,
             "mean": mean_or_none(list(scores.values())), "test_metrics": metrics,
         }  # fmt: skip
         data = round_floats(data)
@@ -435,13 +456,9 @@ class GlueMergeRun:
         def score(metrics):
             return mean_or_none([metrics[t].get(keys[t]) for t in tasks])
 
-        try:
-            found = search(merger, candidates, evaluate, score, settings.selection_split, "all tasks")
-            for t in tasks:
-                self._check_heads(t, evaluators[t])
-        finally:
-            for ev in evaluators.values():
-                ev.close()
+        found = search(merger, candidates, evaluate, score, settings.selection_split, "all tasks")
+        for t in tasks:
+            self._check_heads(t, evaluators[t])
         test_scores = {t: found["test_metrics"][t].get(keys[t]) for t in tasks}
         normalized = normalized_scores(test_scores, reference["test_scores"])
         result = {
@@ -488,6 +505,14 @@ class GlueMergeRun:
         return stem
 
 
+def _fingerprint(model: str | Path) -> str:
+    """Name, size and modification time of a local model's weights (a retrained model invalidates the cached
+    fine-tuned scores); a hub id stands for itself."""
+    folder = Path(model)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or str(model)
+
+
 def summary_row(result: dict, settings: MergeSettings) -> dict:
     target = result["target_dataset"]
     key = score_key(target, settings.metric)
@@ -517,12 +542,15 @@ def main(argv=None) -> list[dict]:
         score_key(task, settings.metric)
     check_num_models(settings.base_method, len(tasks) if args.merge_mode == "all" else 2)
     run = GlueMergeRun(args, settings, tasks)  # validates models, data and outputs before anything is written
-    if args.merge_mode == "all":
-        result = run.run_all(settings)
-        stem = run.write_all_tasks_table(settings)
-        logger.info("table across methods -> %s.csv / .md / .json / .png", stem)
-        return [result]
-    results = [run.run_pair(s, t, settings) for s, t in itertools.permutations(tasks, 2)]
+    try:
+        if args.merge_mode == "all":
+            result = run.run_all(settings)
+            stem = run.write_all_tasks_table(settings)
+            logger.info("table across methods -> %s.csv / .md / .json / .png", stem)
+            return [result]
+        results = [run.run_pair(s, t, settings) for s, t in itertools.permutations(tasks, 2)]
+    finally:
+        run.close()
     summary = summary_path(args.results_dir, settings)
     rows = [summary_row(r, settings) for r in results]
     write_output(f"{summary}.csv", lambda p: write_table(rows, f"{summary}.csv", f"{summary}.md"))

@@ -81,7 +81,7 @@ SIZES: dict[str, StorySize] = {
         tasks=("sst2", "cola", "stsb", "mnli"),
         vocab_size=6000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
         pretrain_steps=1200, pretrain_batch_size=64, pretrain_lr=2e-3, pretrain_block=64, pair_repeats=2,
-        learning_rate=5e-4, epochs={"sst2": 1, "cola": 3, "stsb": 4, "mnli": 2},
+        learning_rate=5e-4, epochs={"sst2": 1, "cola": 5, "stsb": 4, "mnli": 2},
         max_train_samples={"sst2": 12000, "cola": None, "stsb": None, "mnli": None},
         max_eval_samples=500, batch_size=32, max_seq_length=64,
         merge_grids={"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8],
@@ -103,6 +103,12 @@ SIZES: dict[str, StorySize] = {
         merge_max_train_samples=32,
     ),
 }  # fmt: skip
+
+# the settings the pre-trained encoder depends on (besides the seed and the data)
+PRETRAINING_FIELDS = (
+    "tasks", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_block", "pair_repeats", "max_seq_length",
+)  # fmt: skip
 
 # the DARE sweep: (label, rate, use_weight_rescale, mask_strategy)
 ABLATIONS = (("DropOnly", 0.9, False, "random"), ("magnitude", 0.9, False, "magnitude"))
@@ -296,16 +302,19 @@ class Story:
         self.args = args
         self.size = SIZES[args.size]
         self.out = Path(args.output_dir)
-        key = _hash(
-            {
-                "size": dataclasses.asdict(self.size),
-                "seed": args.seed,
-                "data": str(Path(args.glue_data_dir).resolve()),
-            }
-        )
+        data = str(Path(args.glue_data_dir).resolve())
+        key = _hash({"size": dataclasses.asdict(self.size), "seed": args.seed, "data": data})
         self.run = self.out / "runs" / f"{args.size}_seed{args.seed}_{key}"
-        self.glue = self.out / "glue_data"
-        self.base = self.run / "tiny-bert"
+        # the derived GLUE folder depends on the source only; the pre-trained encoder on its own settings only, so
+        # changing a fine-tuning or merging setting does not pre-train again
+        self.glue = self.out / "glue_data" / _hash({"data": data, "mnli": self.size.mnli_train_fraction})
+        pretraining = {f: getattr(self.size, f) for f in PRETRAINING_FIELDS}
+        self.base = (
+            self.out
+            / "pretrained"
+            / f"{args.size}_seed{args.seed}_{_hash([pretraining, data])}"
+            / "tiny-bert"
+        )
         self.models = self.run / "models"
         self.timings: dict[str, float] = {}
         self.cached: dict[str, bool] = {}
@@ -318,19 +327,26 @@ class Story:
         yield
         self.timings[name] = round(time.time() - t0, 1)
 
-    def _quiet(self, fn, argv):
-        """Run a script's ``main(argv)`` with its logging and progress bars kept to the log level WARNING."""
+    @contextlib.contextmanager
+    def quiet(self):
+        """The scripts' logging and progress bars kept to WARNING while they run inside the story."""
         from transformers.utils import logging as hf_logging
 
         root = logging.getLogger()
-        level = root.level
+        level, hf_level = root.level, hf_logging.get_verbosity()
         root.setLevel(logging.WARNING)
+        hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
             with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-                return fn(argv)
+                yield
         finally:
             root.setLevel(level)
+            hf_logging.set_verbosity(hf_level)
+
+    def _quiet(self, fn, argv):
+        with self.quiet():
+            return fn(argv)
 
     def common(self) -> list[str]:
         return ["--language_model_name", str(self.base), "--learning_rate", str(self.size.learning_rate),
@@ -340,12 +356,12 @@ class Story:
 
     # ---------------------------------------------------------------------------------------- 1-2
     def pretrain(self) -> dict:
-        log_path = self.run / "pretraining.json"
+        log_path = self.base.parent / "pretraining.json"
         if self.base.is_dir() and log_path.is_file():
             self.cached["pretraining"] = True
             return json.loads(log_path.read_text())
         self.cached["pretraining"] = False
-        self.run.mkdir(parents=True, exist_ok=True)
+        self.base.parent.mkdir(parents=True, exist_ok=True)
         log = pretrain_encoder(self.size, self.glue, self.base, self.args.seed)
         log_path.write_text(json.dumps(log, indent=2) + "\n")
         return log
@@ -453,7 +469,10 @@ class Story:
                 "--max_train_samples", str(self.size.merge_max_train_samples), "--seed", str(self.args.seed)]  # fmt: skip
         if apply:
             argv += ["--mask_apply_method", apply, "--use_weight_rescale"]
-        keys = [*METHOD_GRID_KEYS.get(base, ()), *(("weight_mask_rate",) if apply else ())]
+        # the story's weight_mask_rate grid is DARE's drop rates; a method whose own parameter has that name (DELLA)
+        # keeps its declared grid
+        keys = [k for k in METHOD_GRID_KEYS.get(base, ()) if k != "weight_mask_rate"]
+        keys += ["weight_mask_rate"] if apply else []
         for key in keys:
             if key in self.size.merge_grids:
                 argv += [f"--{key}", *(str(v) for v in self.size.merge_grids[key])]
@@ -462,18 +481,20 @@ class Story:
         return argv
 
     def merges(self, mode: str) -> list[dict]:
+        """Every method (and DARE + each) through the merge script's own run object: one per mode, so the
+        models, data and evaluators are loaded once; result files and names are the script's."""
         import itertools
 
         import merge_plms_glue
         from utils.glue_merging import result_path
 
-        out = []
+        out, todo, run = [], [], None
         stage = f"{mode} merges"
-        self.cached[stage] = True
+        results_dir = self.run / "merge_results"
         for method, apply in self.methods(len(self.size.tasks) if mode == "all" else 2):
             argv = self.merge_argv(method, apply, mode)
-            settings = merge_plms_glue.settings_from_args(merge_plms_glue.parse_args(argv))
-            results_dir = self.run / "merge_results"
+            args = merge_plms_glue.parse_args(argv)
+            settings = merge_plms_glue.settings_from_args(args)
             if mode == "all":
                 files = [result_path(results_dir, list(self.size.tasks), settings=settings)]
             else:
@@ -481,22 +502,34 @@ class Story:
                     result_path(results_dir, a, b, settings)
                     for a, b in itertools.permutations(self.size.tasks, 2)
                 ]
-            if all(f.is_file() for f in files):
-                results = [json.loads(f.read_text()) for f in files]
-            else:
-                logger.info("merging (%s): %s%s", mode, method, f" + {apply}" if apply else "")
-                self.cached[stage] = False
-                results = self._quiet(merge_plms_glue.main, argv)
-            label = f"DARE + {apply}" if apply else method
-            for r in results:
-                out.append(
-                    {
-                        "method": label,
-                        "base_method": apply or method,
-                        "dare": bool(apply),
-                        **_merge_record(r, mode),
-                    }
-                )
+            todo.append((method, apply, args, settings, files))
+        self.cached[stage] = all(f.is_file() for *_, files in todo for f in files)
+        try:
+            for method, apply, args, settings, files in todo:
+                if all(f.is_file() for f in files):
+                    results = [json.loads(f.read_text()) for f in files]
+                else:
+                    logger.info("merging (%s): %s%s", mode, method, f" + {apply}" if apply else "")
+                    with self.quiet():
+                        if run is None:
+                            run = merge_plms_glue.GlueMergeRun(
+                                args, settings, list(self.size.tasks), load_train=True
+                            )
+                        if mode == "all":
+                            results = [run.run_all(settings)]
+                        else:
+                            pairs = itertools.permutations(self.size.tasks, 2)
+                            results = [run.run_pair(a, b, settings) for a, b in pairs]
+                label = f"DARE + {apply}" if apply else method
+                for r in results:
+                    out.append({"method": label, "base_method": apply or method, "dare": bool(apply),
+                                **_merge_record(r, mode)})  # fmt: skip
+            if run is not None and mode == "all":
+                with self.quiet():
+                    run.write_all_tasks_table(todo[0][3])
+        finally:
+            if run is not None:
+                run.close()
         return out
 
     # ---------------------------------------------------------------------------------------- run
