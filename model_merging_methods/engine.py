@@ -170,8 +170,7 @@ class Executor:
         self.workers = max(1, int(workers))
         self.show_progress = show_progress
         self.device = resolve_device(device)
-        if self.workers > 1:
-            keep_freed_blocks()  # block temporaries reused from the heap, not mapped again (glibc)
+        keep_freed_blocks()  # block temporaries reused from the heap, not mapped again (glibc)
         self.stop = threading.Event()  # set when one worker fails or the run is interrupted: the others stop
 
     @property
