@@ -18,7 +18,9 @@ Readers (:func:`records_from_file`) understand
 * LLM results written by ``utils.llm_evaluation.evaluate_model`` (``results.json`` with ``dataset`` and
   ``save_name``; DARE save names as above; merge save names with ``average_merging``, ``task_arithmetic_...``,
   ``ties_merging_...`` or ``mask_merging/{apply}/mask_{p1}_{p2}...``).
-Files that are none of these are skipped with a reason.
+Files that are none of these are skipped with a reason. A results file that carries a ``settings`` object
+(:mod:`utils.run_settings`; every file written by this version of the scripts) is read from it
+(:func:`settings_record`): the names above are parsed only for older files.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,72 @@ def merge_label(parts: Sequence[str]) -> str | None:
     return plain(text)
 
 
+_PARAM_TEXT = {"param_value_mask_rate": "trim {}", "scaling_coefficient": "λ={}"}
+
+
+def method_label(method: str, params: Mapping[str, Any] | None = None) -> str:
+    """A merge label from a method name and its settings: the registry's label, then λ and the trim rate (always,
+    as the original's names carry them) and every other parameter that differs from its default."""
+    from model_merging_methods.registry import get_method
+
+    try:
+        spec = get_method(method)
+    except ValueError:
+        return method
+    params = dict(params or {})
+    order = spec.name_order or tuple(p.name for p in spec.params)
+    shown = []
+    for name in sorted(order, key=lambda n: (n != "param_value_mask_rate", n != "scaling_coefficient")):
+        if name not in params or params[name] is None:
+            continue
+        param = spec.param(name)
+        value = params[name]
+        text = "/".join(_fmt_num(str(v)) for v in value) if isinstance(value, list) else _fmt_num(str(value))
+        if name in _PARAM_TEXT:
+            shown.append(_PARAM_TEXT[name].format(text))
+        elif value != param.default and not (isinstance(value, list) and set(value) == {param.default}):
+            shown.append(f"{param.short or param.name}={text}")
+    return spec.label + (f" ({', '.join(shown)})" if shown else "")
+
+
+def _dare_text(dare: Mapping[str, Any]) -> tuple[str, list[float]]:
+    rates = dare.get("weight_mask_rate")
+    rates = [float(r) for r in (rates if isinstance(rates, list) else [rates])]
+    variant = dare_variant(
+        max(rates), bool(dare.get("use_weight_rescale")), str(dare.get("mask_strategy", "random")),
+        str(dare.get("weight_format", "delta_weight")),
+    )  # fmt: skip
+    return variant, rates
+
+
+def settings_record(
+    settings: Any, dataset: str, metric: str, value: float, path: Path
+) -> dict[str, Any] | None:
+    """The record of a result whose file carries a ``settings`` object (:mod:`utils.run_settings`), or None for an
+    older file without one (its names are parsed instead)."""
+    from utils.run_settings import SETTINGS_SCHEMA
+
+    if not isinstance(settings, dict) or settings.get("schema") != SETTINGS_SCHEMA:
+        return None
+    common = {"dataset": dataset, "metric": metric, "value": value, "source": str(path)}
+    model = str(settings.get("model") or "?")
+    dare, merge = settings.get("dare"), settings.get("merge")
+    if settings.get("kind") == "merge" and isinstance(merge, dict):
+        label = method_label(str(merge.get("method")), merge.get("params"))
+        if isinstance(dare, dict):
+            variant, rates = _dare_text(dare)
+            label = f"{variant} p={'/'.join(sorted({_fmt_num(str(r)) for r in rates}))} + {label}"
+        return {"kind": "merge", "model": model, "method": label, **common}
+    if isinstance(dare, dict):
+        variant, rates = _dare_text(dare)
+        if max(rates) > 0:
+            return {
+                "kind": "dare", "model": model, "drop_rate": max(rates), "variant": variant,
+                "seed": int(dare.get("seed", 0)), **common,
+            }  # fmt: skip
+    return {"kind": "model", "model": model, **common}
+
+
 def _read(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -232,6 +300,9 @@ def _glue_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     value = _number(data[key])
     if value is None:
         raise _BadMetric(f"metric {key} is {_describe(data[key])}, not a number")
+    from_settings = settings_record(data.get("settings"), task, metric, value, path)
+    if from_settings is not None:
+        return [from_settings]
     comps = [c for c in parts[:-1] if c not in (".",)]
     label = merge_label(comps) if pair else None
     if pair and label:
@@ -276,6 +347,9 @@ def _llm_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     if mv is None:
         return []
     metric, value = mv
+    from_settings = settings_record(data.get("settings"), dataset, metric, value, path)
+    if from_settings is not None:
+        return [from_settings]
     save_name = str(data.get("save_name") or path.parent.name)
     comps = save_name.split("/")
     label = merge_label(comps)
