@@ -19,9 +19,9 @@ the other, after a warm-up read so every run finds the inputs in the page cache:
 * ``naive_ta`` / ``naive_dare_ties``: load every model into RAM, call the in-memory core, save (the original's
   approach, in the checkpoints' dtype instead of its float32);
 * ``mergekit_ta`` / ``mergekit_dare_ties``: ``mergekit-yaml`` from ``--mergekit_venv`` (mergekit 0.1.5), same models;
-* ``NAME:run`` for every ``--baseline NAME=REPO`` and every run of ``--baseline_runs``: the same command run from
-  another checkout of this project (e.g. a ``git worktree`` of an older commit), for before/after figures from one
-  run.
+* ``NAME:run`` for every ``--baseline NAME=REPO[@run,...]`` and each of its runs (default ``--baseline_runs``):
+  the same command run from another checkout of this project (e.g. a ``git worktree`` of an older commit), for
+  before/after figures from one run.
 
 DARE + TIES settings: drop rate p = 1 − ``--density`` with rescale. mergekit's ``dare_ties`` has no magnitude
 trim (DARE, then sign election and disjoint mean), which is our TIES with ``--param_value_mask_rate 0``
@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--baseline", action="append", default=[], metavar="NAME=REPO",
-        help="another checkout of this project (e.g. a git worktree of an older commit) whose --baseline_runs are "
-        "run too, as NAME:run",
+        help="another checkout of this project (e.g. a git worktree of an older commit) whose --baseline_runs (or "
+        "the runs after @, comma-separated) are run too, as NAME:run",
     )  # fmt: skip
     p.add_argument("--baseline_runs", nargs="+", choices=BASELINE_RUNS, default=list(BASELINE_RUNS))
     p.add_argument(
@@ -342,14 +342,24 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     warm_page_cache(family)
     baselines: dict[str, Path] = {}
+    baseline_runs: dict[str, list[str]] = {}
     for spec in args.baseline:
-        name, _, path = spec.partition("=")
+        name, _, rest = spec.partition("=")
+        path, _, runs = rest.partition("@")
         if not name or not path or not (Path(path) / "merge_llms_instruct_math_code.py").is_file():
-            raise SystemExit(f"error: --baseline {spec}: expected NAME=REPO with a checkout of this project")
+            raise SystemExit(
+                f"error: --baseline {spec}: expected NAME=REPO[@run,run] with a checkout of this project"
+            )
         baselines[name] = Path(path).resolve()
+        baseline_runs[name] = runs.split(",") if runs else list(args.baseline_runs)
+        unknown = sorted(set(baseline_runs[name]) - set(BASELINE_RUNS))
+        if unknown:
+            raise SystemExit(
+                f"error: --baseline {spec}: {unknown[0]} is not one of {', '.join(BASELINE_RUNS)}"
+            )
     variants: list[tuple[str, str, Path]] = [(run, run, REPO_ROOT) for run in args.runs]
     for name, repo in baselines.items():
-        variants += [(f"{name}:{run}", run, repo) for run in args.baseline_runs]
+        variants += [(f"{name}:{run}", run, repo) for run in baseline_runs[name]]
     results: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     skipped: set[str] = set()
     order = (
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_ta / naive_ta (peak RSS)": r("ours_ta", "naive_ta", "peak_rss_bytes"),
     }
     for name in baselines:
-        for run in args.baseline_runs:
+        for run in baseline_runs[name]:
             ratios[f"{run} / {name}:{run} (time)"] = r(run, f"{name}:{run}")
             ratios[f"{run} / {name}:{run} (peak RSS)"] = r(run, f"{name}:{run}", "peak_rss_bytes")
     result = {
