@@ -309,6 +309,8 @@ def global_thresholds(params: Mapping[str, Any], view, sample_elements: int = SA
     def sample(plan, pre, xs):
         rows = _sample_rows(plan, total, sample_elements)
         taken = sum(r1 - r0 for r0, r1 in rows) * (plan.row_size if plan.shape else 1)
+        if pre.numel() == plan.numel:  # the whole tensor came (magnitude DARE ranks whole tensors)
+            taken = plan.numel
         weight = plan.numel / max(1, taken)
         return weight, [abs_bits(x - pre).cpu().numpy() for x in xs]
 
