@@ -179,3 +179,27 @@ def test_global_ties_merge_uses_one_pass_on_regular_deltas(tmp_path):
     b = mask_merging(pre, models, "ties_merging", 0.5, seed=3, param_value_mask_rate=0.8)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert set(ties_merging(pre, models, 0.8)) == set(pre)
+
+
+@pytest.mark.parametrize("strategy", ["random", "magnitude"])
+def test_global_thresholds_after_dare_are_the_kth_smallest_of_the_masked_task_vectors(strategy):
+    from model_merging_methods.engine import Dare, DictSink, DictSource, Executor, StatisticsView
+    from model_merging_methods.methods.ties import global_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    pre = {n: torch.randn(s, generator=g) for n, s in {"a": (300, 20), "b": (50,), "c": ()}.items()}
+    fts = [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in pre.items()} for _ in range(3)]
+    dare = Dare.for_models([0.5, 0.7, 0.9], True, strategy, "delta_weight", 1)
+    source = DictSource([pre, *fts], ["pre", "a", "b", "c"])
+    executor = Executor(source, DictSink(source, 0), base=0, show_progress=False)
+    view = StatisticsView(executor, [1, 2, 3], dare, None)
+    thresholds = global_thresholds({"param_value_mask_rate": 0.8}, view)
+    for i in range(3):
+        taus = torch.cat(
+            [
+                (xs[1] - xs[0]).reshape(-1)
+                for p in view.plans
+                for _, _, xs in executor.blocks_for(p, [0, i + 1], dare)
+            ]
+        )
+        assert thresholds[i] == taus.abs().kthvalue(int(taus.numel() * 0.8)).values.item()
