@@ -58,12 +58,20 @@ def keep_count_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Te
 
 
 def l1_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """``masked`` · ‖original‖₁ / ‖masked‖₁ (unchanged when either norm is below 1e-7), in ``masked``'s dtype."""
-    before = original.abs().sum()
-    after = masked.abs().sum()
+    """``masked`` · ‖original‖₁ / ‖masked‖₁ (unchanged when either norm is below 1e-7), in ``masked``'s dtype. The
+    norms are summed on the CPU (torch's CPU reduction, as mergekit on the CPU), so the bytes do not depend on the
+    device the rest runs on."""
+    before = original.detach().abs().cpu().sum()
+    after = masked.detach().abs().cpu().sum()
     if before < L1_EPS or after < L1_EPS:
         return masked
-    return masked * (before / after)
+    return masked * (before / after).to(masked.device)
+
+
+def elected_sign_sum(weighted: torch.Tensor) -> int:
+    """Σ over coordinates of sign(Σ_i weighted_i) for stacked (M, ...) task vectors, counted exactly in int64: its
+    sign is the tensor's majority sign."""
+    return int(torch.sign(weighted.sum(0)).to(torch.int64).sum().item())
 
 
 def weight_column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:

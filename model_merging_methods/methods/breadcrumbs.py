@@ -34,7 +34,13 @@ from model_merging_methods.methods.task_arithmetic import (
 from model_merging_methods.methods.ties import METHOD as TIES
 from model_merging_methods.methods.ties import SPARSIFY_RESCALE, majority_sign
 from model_merging_methods.registry import MergeMethod, Param, TensorContext, register
-from model_merging_methods.sparsify import combine, keep_count_mask, l1_rescale, weight_column
+from model_merging_methods.sparsify import (
+    combine,
+    elected_sign_sum,
+    keep_count_mask,
+    l1_rescale,
+    weight_column,
+)
 from model_merging_methods.validators import check_flag, check_rate
 
 PARAM_VALUE_MASK_RATE = TIES.param("param_value_mask_rate")  # the same flag as TIES's trim rate
@@ -133,7 +139,7 @@ def breadcrumbs_mergekit_tensor(
     zero = 1.0
     if elect and params.get("zero_sign", "majority") == "majority":
         weighted = taus if weights is None else taus * weight_column(weights, taus)
-        zero = majority_sign(int(torch.sign(weighted.sum(0)).sum().item()))
+        zero = majority_sign(elected_sign_sum(weighted))
     return combine(
         base, taus, weights, elect_sign=elect, zero_sign=zero, normalize=bool(params.get("normalize")),
         scaling_coefficient=params["scaling_coefficient"],

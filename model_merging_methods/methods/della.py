@@ -41,7 +41,7 @@ from model_merging_methods.methods.task_arithmetic import (
 )
 from model_merging_methods.methods.ties import _ties_disjoint_merge, majority_sign
 from model_merging_methods.registry import MergeMethod, Param, TensorContext, register
-from model_merging_methods.sparsify import combine, l1_rescale, weight_column
+from model_merging_methods.sparsify import combine, elected_sign_sum, l1_rescale, weight_column
 from model_merging_methods.validators import check_flag, check_rate
 
 WEIGHT_MASK_RATE = Param(
@@ -220,7 +220,7 @@ def della_mergekit_tensor(
     zero = 1.0
     if elect and params.get("zero_sign", "majority") == "majority":
         weighted = pruned if weights is None else pruned * weight_column(weights, pruned)
-        zero = majority_sign(int(torch.sign(weighted.sum(0)).sum().item()))
+        zero = majority_sign(elected_sign_sum(weighted))
     return combine(
         base, pruned, weights, elect_sign=elect, zero_sign=zero, normalize=not params.get("no_normalize"),
         scaling_coefficient=params["scaling_coefficient"],

@@ -52,7 +52,7 @@ from model_merging_methods.selection import (  # noqa: F401 - kth_smallest_abs r
     kth_smallest_abs,
     summarize,
 )
-from model_merging_methods.sparsify import combine, l1_rescale, top_k_mask, weight_column
+from model_merging_methods.sparsify import combine, elected_sign_sum, l1_rescale, top_k_mask, weight_column
 from model_merging_methods.validators import check_rate
 
 TRIM_SCOPES = ("global", "tensor")
@@ -398,7 +398,7 @@ def elect_and_combine(
         zero = majority
     else:
         weighted = trimmed if weights is None else trimmed * weight_column(weights, trimmed)
-        zero = majority_sign(int(torch.sign(weighted.sum(0)).sum().item()))
+        zero = majority_sign(elected_sign_sum(weighted))
     return combine(
         base, trimmed, weights, elect_sign=True, zero_sign=zero, normalize=not params.get("no_normalize"),
         scaling_coefficient=params["scaling_coefficient"],
