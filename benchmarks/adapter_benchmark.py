@@ -10,11 +10,13 @@ separate process (peak RSS from ``os.wait4``), after a warm-up read of the input
 
 * ``full_ta``: task arithmetic of the full fine-tunes (``merge_llms_instruct_math_code.py``);
 * ``lora_ta``: task arithmetic of the adapters (the base read once per adapter, B·A computed block by block);
-* ``lora_dare_ties``: DARE (p = 1 − ``--density``) + TIES of the adapters;
+* ``full_dare_ties`` / ``lora_dare_ties``: DARE (p = 1 − ``--density``) + TIES of the full fine-tunes / adapters;
 * ``lora_ta_to_lora``: task arithmetic of the adapters written as a rank-``--lora_rank × num_finetuned`` adapter
   (``--output_format lora``).
 
-Results: a JSON and a Markdown table under ``--work_dir``.
+With ``--repeats N`` each run is repeated and the minimum wall time and minimum peak RSS are reported (the peak RSS
+of a run varies by some 10-30 MiB with how the C allocator happens to hold freed blocks). Results: a JSON and a
+Markdown table under ``--work_dir``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.merge_benchmark import build_family, llama_shapes, measure, warm_page_cache  # noqa: E402
 
-ALL_RUNS = ("full_ta", "lora_ta", "lora_dare_ties", "lora_ta_to_lora")
+ALL_RUNS = ("full_ta", "lora_ta", "full_dare_ties", "lora_dare_ties", "lora_ta_to_lora")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -77,12 +79,12 @@ def build_adapters(root: Path, base: Path, args: argparse.Namespace) -> list[Pat
 
 
 def command_for(run: str, base: Path, fulls: list[Path], loras: list[Path], out: Path, args) -> list[str]:
-    models = [str(f) for f in (fulls if run == "full_ta" else loras)]
+    models = [str(f) for f in (fulls if run.startswith("full") else loras)]
     cmd = [sys.executable, str(REPO_ROOT / "merge_llms_instruct_math_code.py"), "--pretrained_model_name", str(base),
            "--finetuned_model_names", *models, "--merged_model_path", str(out), "--skip_evaluation", "--overwrite"]  # fmt: skip
     if run in ("full_ta", "lora_ta", "lora_ta_to_lora"):
         cmd += ["--merging_method_name", "task_arithmetic", "--scaling_coefficient", "1.0"]
-    if run == "lora_dare_ties":
+    if run in ("full_dare_ties", "lora_dare_ties"):
         cmd += ["--merging_method_name", "mask_merging", "--mask_apply_method", "ties_merging", "--weight_mask_rate",
                 str(round(1.0 - args.density, 6)), "--use_weight_rescale", "--param_value_mask_rate", "0.0"]  # fmt: skip
     if run == "lora_ta_to_lora":
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", nargs="+", choices=ALL_RUNS, default=list(ALL_RUNS))
+    p.add_argument("--repeats", type=int, default=1, help="runs per variant: minimum wall time and peak RSS")
     p.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.intermediate_size = args.intermediate_size or int(round(args.hidden_size * 2.6875 / 16)) * 16
@@ -131,8 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for run in args.runs:
         out = work / f"out_adapter_{tag}_{run}"
-        shutil.rmtree(out, ignore_errors=True)
-        rows[run] = measure(command_for(run, base, fulls, loras, out, args), env)
+        tries = []
+        for _ in range(max(1, args.repeats)):
+            shutil.rmtree(out, ignore_errors=True)
+            tries.append(measure(command_for(run, base, fulls, loras, out, args), env))
+        rows[run] = {k: min(t[k] for t in tries) for k in tries[0]}
+        rows[run]["peak_rss_bytes_all"] = [t["peak_rss_bytes"] for t in tries]
         print(
             f"{run}: {rows[run]['wall_s']:.1f} s, peak RSS {rows[run]['peak_rss_bytes'] / 2**20:.0f} MiB",
             flush=True,

@@ -5,7 +5,8 @@ on top of a :class:`~model_merging_methods.checkpoint_io.CheckpointReader` of it
 θ = θ_base + s·B·A, with the reader interface of a checkpoint (``names()``, ``infos``, ``config``, ``read``,
 ``read_flat_slice``, ``bytes_read``, ``close``), so DARE, every merging method and the delta analysis work on an
 adapter exactly as on a full fine-tune. Nothing is materialised: ``read_flat_slice`` computes only the rows of B·A it
-returns (B's rows times A), so memory stays at one row block plus a small cache of A factors.
+returns (B's rows times A, accumulated rank by rank, so that every row has the same bytes however the tensor is
+sliced), so memory stays at one row block plus a small cache of A factors.
 
 What an adapter tensor means (keys after PEFT's ``base_model.model.`` prefix; the config is read with ``peft``):
 
@@ -68,7 +69,6 @@ from model_merging_methods.checkpoint_io import (
 )
 from model_merging_methods.errors import MergeError
 from model_merging_methods.mask_weights_utils import tensor_generator
-from model_merging_methods.planning import CHUNK_ELEMENTS
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -90,7 +90,10 @@ PEFT_PREFIX = "base_model.model."
 REPORT_FILE = "lora_report.json"
 FULL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")  # fmt: skip
-A_CACHE_BYTES = 64 << 20  # LRU cache of whole factors (A, and B of embeddings) per reader
+# LRU cache of whole factors (A, and B of embeddings) per reader: a tensor's row blocks come one after another (one
+# tensor per worker thread), so a few entries are enough; the bytes bound the largest factors
+A_CACHE_BYTES = 64 << 20
+A_CACHE_ENTRIES = 8
 ROW_BLOCK_ELEMENTS = 1 << 20  # elements per row block when the writer is fed from a reader
 # LoRA variants PEFT marks as such (``is_lora_variant``) whose merged weight is *not* θ + s·B·A; VeLoRA only changes
 # the backward pass and merges like plain LoRA.
@@ -193,8 +196,32 @@ class _Parsed:
     token_rows: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # base param -> (tensor, rows)
 
 
-def _config_field(raw: dict[str, Any], config: Any, name: str) -> Any:
-    return getattr(config, name, raw.get(name))
+@dataclass(frozen=True)
+class LoraSettings:
+    """What of an adapter's config decides its merged weight (PEFT's ``LoraConfig`` fields of the same names)."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    fan_in_fan_out: bool
+    trainable_token_indices: list | dict | None
+    base_model_name_or_path: str | None
+
+
+def pattern_key(patterns: Iterable[str], module: str) -> str:
+    """The first key of ``patterns`` matching ``module`` as PEFT's ``get_pattern_key`` matches (the key as a
+    regular expression for the whole name or a dotted suffix of it); ``module`` itself when none does."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as exc:
+            raise MergeError(
+                f"rank_pattern/alpha_pattern key {key!r} is not a regular expression: {exc}"
+            ) from exc
+    return module
 
 
 class LoraAdapter:
@@ -242,25 +269,63 @@ class LoraAdapter:
         if bias not in ("none", "all", "lora_only"):
             raise MergeError(f"adapter {self.label} has bias={bias!r} (expected none, all or lora_only)")
 
-    def _load_config(self):
-        peft = _peft()
-        try:
-            config = peft.PeftConfig.from_pretrained(str(self.folder))
-        except Exception as exc:  # noqa: BLE001 - a broken config of the user's is one readable line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise MergeError(f"cannot read the adapter config of {self.label} with peft: {first}") from exc
-        if not isinstance(config, peft.LoraConfig):
-            raise MergeError(f"adapter {self.label} is a {type(config).__name__}, not a LoraConfig")
-        return config
+    def _load_config(self) -> LoraSettings:
+        """The fields of ``adapter_config.json`` that decide the merged weight, checked as PEFT's ``LoraConfig``
+        would type them. Read without importing ``peft`` (whose import costs about 170 MiB of resident memory and
+        seconds; tests check the result against ``peft.LoraConfig``)."""
+        raw, label = self.raw_config, self.label
+
+        def number(key: str, default, integer: bool = False):
+            value = raw.get(key, default)
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (integer and int(value) != value) or value <= 0:
+                kind = "a positive integer" if integer else "a positive number"
+                raise MergeError(f"adapter {label}: {key} in {ADAPTER_CONFIG} must be {kind}, got {value!r}")
+            return int(value) if integer else float(value)
+
+        def pattern(key: str, integer: bool) -> dict[str, float]:
+            value = raw.get(key) or {}
+            if not isinstance(value, dict):
+                raise MergeError(f"adapter {label}: {key} in {ADAPTER_CONFIG} must be an object")
+            out = {}
+            for k, v in value.items():
+                ok = (
+                    isinstance(v, int | float)
+                    and not isinstance(v, bool)
+                    and v > 0
+                    and (not integer or int(v) == v)
+                )
+                if not ok:
+                    raise MergeError(
+                        f"adapter {label}: {key}[{k!r}] in {ADAPTER_CONFIG} must be positive, got {v!r}"
+                    )
+                out[k] = int(v) if integer else float(v)
+            return out
+
+        def flag(key: str) -> bool:
+            value = raw.get(key, False)
+            if value not in (True, False, None):
+                raise MergeError(
+                    f"adapter {label}: {key} in {ADAPTER_CONFIG} must be true or false, got {value!r}"
+                )
+            return bool(value)
+
+        tokens = raw.get("trainable_token_indices")
+        if tokens is not None and not isinstance(tokens, list | dict):
+            raise MergeError(f"adapter {label}: trainable_token_indices must be a list or an object")
+        base = raw.get("base_model_name_or_path")
+        return LoraSettings(
+            r=number("r", 8, integer=True), lora_alpha=number("lora_alpha", 8), use_rslora=flag("use_rslora"),
+            rank_pattern=pattern("rank_pattern", True), alpha_pattern=pattern("alpha_pattern", False),
+            fan_in_fan_out=flag("fan_in_fan_out"), trainable_token_indices=tokens,
+            base_model_name_or_path=base if isinstance(base, str) and base else None,
+        )  # fmt: skip
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
-        """(r, lora_alpha) of ``module`` from the config, with PEFT's own ``rank_pattern``/``alpha_pattern`` matching."""
-        from peft.utils.other import get_pattern_key
-
+        """(r, lora_alpha) of ``module``: ``rank_pattern``/``alpha_pattern`` matched as PEFT matches them."""
         cfg = self.config
-        rank_pattern, alpha_pattern = cfg.rank_pattern or {}, cfg.alpha_pattern or {}
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), cfg.r)
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), cfg.lora_alpha)
+        r = cfg.rank_pattern.get(pattern_key(cfg.rank_pattern, module), cfg.r)
+        alpha = cfg.alpha_pattern.get(pattern_key(cfg.alpha_pattern, module), cfg.lora_alpha)
         return int(r), float(alpha)
 
     def scaling(self, rank: int, alpha: float) -> float:
@@ -374,10 +439,10 @@ class LoraAdapter:
 
 
 class _FactorCache:
-    """A small thread-safe LRU cache of whole factors (float32), bounded in bytes."""
+    """A small thread-safe LRU cache of whole factors, bounded in entries and in bytes."""
 
-    def __init__(self, limit: int = A_CACHE_BYTES):
-        self.limit, self.size, self.lock = limit, 0, threading.Lock()
+    def __init__(self, limit: int = A_CACHE_BYTES, entries: int = A_CACHE_ENTRIES):
+        self.limit, self.entries, self.size, self.lock = limit, entries, 0, threading.Lock()
         self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def get(self, key: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -391,16 +456,10 @@ class _FactorCache:
             if key not in self.items and nbytes <= self.limit:
                 self.items[key] = value
                 self.size += nbytes
-                while self.size > self.limit:
+                while self.size > self.limit or len(self.items) > self.entries:
                     _, old = self.items.popitem(last=False)
                     self.size -= old.numel() * old.element_size()
         return value
-
-
-def canonical_rows(width: int) -> int:
-    """Rows per group in which a reader computes B·A: the streaming engine's row blocks
-    (:meth:`~model_merging_methods.planning.TensorPlan.blocks`)."""
-    return max(1, CHUNK_ELEMENTS // max(1, width))
 
 
 def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -566,7 +625,10 @@ class LoraModelReader:
         return out
 
     # -- data ---------------------------------------------------------------------------------------------------
-    def _factor(self, key: str) -> torch.Tensor:
+    def _factor(self, key: str, transposed: bool = False) -> torch.Tensor:
+        """A whole factor (cached), or its transpose made contiguous."""
+        if transposed:
+            return self._cache.get(key + ".T", lambda: self.adapter.tensors.read(key).T.contiguous())
         return self._cache.get(key, lambda: self.adapter.tensors.read(key))
 
     def delta_rows(
@@ -574,27 +636,22 @@ class LoraModelReader:
     ) -> torch.Tensor:
         """Rows [r0, r1) of δ = s·B·A in the layout of the base tensor (``work`` dtype).
 
-        Rows are computed in fixed, aligned groups of :func:`canonical_rows` rows (one matrix product per group, on
-        the same operands whatever range is asked), so every row has the same bytes however the tensor is sliced;
-        the streaming engine's row blocks are exactly these groups."""
-        rows, width = self.infos[mod.param].shape
-        group = canonical_rows(width)
-        parts = []
-        for g0 in range((r0 // group) * group, r1, group):
-            g1 = min(g0 + group, rows)
-            d = self._delta_group(mod, g0, g1, work)
-            parts.append(d[max(r0, g0) - g0 : min(r1, g1) - g0])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-
-    def _delta_group(self, mod: LoraModule, r0: int, r1: int, work: torch.dtype) -> torch.Tensor:
+        The product is accumulated rank by rank with element-wise multiply-adds (Σ_k b_k ⊗ a_k in k order), so a
+        row's bytes depend only on that row's factors: any slice of the tensor gives the bytes of the whole (a
+        matrix product's rounding may change with the number of rows), and a small read computes only its rows."""
         t = self.adapter.tensors
         lora_dtype = t.infos[mod.b].dtype
-        if not mod.transposed:  # δ = B[r0:r1] @ A
-            b = t.read_flat_slice(mod.b, r0 * mod.rank, (r1 - r0) * mod.rank).reshape(r1 - r0, mod.rank)
-            d = (b.to(work) @ self._factor(mod.a).to(work)) * mod.scaling
-        else:  # δ = (B @ A)ᵀ, rows r0..r1 = (B @ A[:, r0:r1])ᵀ
-            a = self._factor(mod.a)[:, r0:r1]
-            d = (self._factor(mod.b).to(work) @ a.to(work)).T * mod.scaling
+        if not mod.transposed:  # row i = Σ_k B[i, k] · A[k, :]
+            left = t.read_flat_slice(mod.b, r0 * mod.rank, (r1 - r0) * mod.rank).reshape(r1 - r0, mod.rank)
+            right = self._factor(mod.a)
+        else:  # row i of (B·A)ᵀ = Σ_k A[k, i] · B[:, k]
+            left = self._factor(mod.a)[:, r0:r1].T
+            right = self._factor(mod.b, transposed=True)
+        left, right = left.to(work), right.to(work)
+        d = left[:, 0:1] * right[0]
+        for k in range(1, mod.rank):
+            d.addcmul_(left[:, k : k + 1], right[k])
+        d.mul_(mod.scaling)
         if lora_dtype in (torch.float16, torch.bfloat16):  # PEFT rounds the delta to the adapter's dtype
             d = d.to(lora_dtype).to(work)
         return d
@@ -626,6 +683,11 @@ class LoraModelReader:
         if name in p.token_rows:
             key, rows = p.token_rows[name]
             x = self._token_block(key, rows, r0, r1, row, x, start)
+        mod = p.modules.get(name)
+        if mod is not None and name not in p.lora_biases:  # the common case, with one temporary: δ += θ_base
+            d = self.delta_rows(mod, r0, r1, work).reshape(-1)
+            off = start - r0 * row
+            return d[off : off + length].add_(x).to(info.dtype)
         y = x.to(work)
         if name in p.lora_biases:
             key, s = p.lora_biases[name]

@@ -268,7 +268,7 @@ def _is_adapter(folder) -> bool:
     return is_lora_folder(folder)
 
 
-def _natural_dtype(reader, name: str) -> torch.dtype:
+def natural_dtype(reader, name: str) -> torch.dtype:
     """The dtype a model's tensor has as a checkpoint (an adapter presented in float32: its base's)."""
     natural = getattr(reader, "natural_dtype", None)
     return natural(name) if natural is not None else reader.infos[name].dtype
@@ -376,7 +376,7 @@ def _plan_inputs(
                             "action": "pad_mean" if s[0] < target else "truncate",
                         }  # fmt: skip
                     )
-        od = (out_dtype or _natural_dtype(readers[dtype_from], name)) if is_float else dtypes[0]
+        od = (out_dtype or natural_dtype(readers[dtype_from], name)) if is_float else dtypes[0]
         plans[name] = TensorPlan(
             name=name,
             shape=tuple(shape),

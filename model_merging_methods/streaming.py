@@ -50,6 +50,7 @@ from model_merging_methods.planning import (
     _config_vocab,
     delta_statistics,
     delta_warnings,
+    natural_dtype,
     open_inputs,
     pad_rows_with_mean,
 )
@@ -201,7 +202,9 @@ def _dtype_report(
 ) -> tuple[dict[str, Any], list[str]]:
     """The chosen output dtype(s), why, and each input's float dtypes; a warning when the inputs' dtypes differ."""
     per_model = {
-        label: sorted({torch_dtype_name(i.dtype) for i in r.infos.values() if i.dtype.is_floating_point})
+        label: sorted(
+            {torch_dtype_name(natural_dtype(r, n)) for n, i in r.infos.items() if i.dtype.is_floating_point}
+        )  # an adapter read in float32 over a bfloat16 base counts as bfloat16, the dtype PEFT would merge it in
         for label, r in zip(inputs.labels, inputs.readers)
     }
     chosen = sorted({torch_dtype_name(p.out_dtype) for p in inputs.plans.values() if p.is_float})
@@ -287,7 +290,10 @@ def _run(
     workers = default_workers() if num_threads is None else int(num_threads)
     try:
         guard_outputs({"path": target}, _input_files(inputs, tokenizer_folder))
-        stats = delta_statistics(inputs, 0, stats_models) if stats_models is None or stats_models else {}
+        with torch_threads(
+            1
+        ):  # small sampled reads: one thread is fastest (and B·A of adapters is per row group)
+            stats = delta_statistics(inputs, 0, stats_models) if stats_models is None or stats_models else {}
         warnings = _report_statistics(stats, labels[0]) if stats else []
         dtype_info, dtype_warnings = _dtype_report(inputs, out_dtype, dtype_from)
         for w in dtype_warnings:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from model_merging_methods import lora
 from model_merging_methods.checkpoint_io import CheckpointReader
 from model_merging_methods.errors import MergeError
 from model_merging_methods.lora import (
@@ -90,7 +89,7 @@ def test_rslora_scaling_is_alpha_over_sqrt_r(base, adapters):
         assert r.low_rank("model.embed_tokens.weight").kind == "embedding"
 
 
-def test_slices_are_bitwise_consistent_and_lazy(base, adapters, monkeypatch):
+def test_slices_are_bitwise_consistent_and_lazy(base, adapters):
     with CheckpointReader(base) as b, LoraModelReader(adapters["lora_bias_tokens"], b) as r:
         for name in r.names():
             whole = r.read(name).reshape(-1)
@@ -98,12 +97,11 @@ def test_slices_are_bitwise_consistent_and_lazy(base, adapters, monkeypatch):
             for step in (1, 7, 33, n):
                 parts = torch.cat([r.read_flat_slice(name, s, step) for s in range(0, n, step)])
                 assert torch.equal(parts, whole), (name, step)
-    monkeypatch.setattr(lora, "CHUNK_ELEMENTS", 128)  # B·A in groups of 2 rows of 64
     with CheckpointReader(base) as b, LoraModelReader(adapters["lora"], b) as r:
         name = "model.layers.1.mlp.down_proj.weight"  # [32, 64], lora_A [4, 64], lora_B [32, 4]
-        r.read_flat_slice(name, 64 * 5, 64)  # row 5: A (then cached) and B's rows 4 and 5
-        assert r.adapter.tensors.bytes_read == (4 * 64 + 2 * 4) * 4
-        r.read_flat_slice(name, 64 * 10, 64 * 2)  # rows 10, 11: one more group of B
+        r.read_flat_slice(name, 64 * 5, 64)  # row 5: A (then cached) and B's row 5
+        assert r.adapter.tensors.bytes_read == (4 * 64 + 4) * 4
+        r.read_flat_slice(name, 64 * 10 + 3, 64 * 2)  # rows 10 to 12: three more rows of B
         assert r.adapter.tensors.bytes_read == (4 * 64 + 4 * 4) * 4
 
 
@@ -356,3 +354,51 @@ def test_compress_picks_unambiguous_short_names():
     assert _compress({"model.norm"}, modules, True) == ["model.norm"]
     norms = {m for m in modules if m.endswith("norm")}
     assert _compress(norms, modules, True) == ["input_layernorm", "norm"]
+
+
+def test_config_is_read_as_peft_reads_it(base, adapters):
+    """The adapter config is parsed without importing peft; the fields that decide the weights agree with
+    peft.LoraConfig, and pattern matching agrees with peft's get_pattern_key."""
+    from peft import PeftConfig
+    from peft.utils.other import get_pattern_key
+
+    from model_merging_methods.lora import LoraAdapter, pattern_key
+
+    for name, folder in adapters.items():
+        ours, theirs = LoraAdapter(folder).config, PeftConfig.from_pretrained(str(folder))
+        for field in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+                      "trainable_token_indices", "base_model_name_or_path"):  # fmt: skip
+            want = getattr(theirs, field)
+            if field.endswith("pattern"):
+                want = want or {}
+            assert getattr(ours, field) == want, (name, field)
+    keys = ["v_proj", "layers.1.self_attn.q_proj", r"model\.layers\.0\..*", "q_proj"]
+    for module in ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
+                   "model.layers.11.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head"):  # fmt: skip
+        assert pattern_key(keys, module) == get_pattern_key(keys, module), module
+
+
+def test_reading_an_adapter_does_not_import_peft(base, adapters):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from model_merging_methods.checkpoint_io import CheckpointReader; "
+        "from model_merging_methods.lora import LoraModelReader; "
+        f"r = LoraModelReader({str(adapters['rslora_head'])!r}, CheckpointReader({str(base)!r})); "
+        "[r.read(n) for n in r.names()]; print('peft' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("value", [{"r": 0}, {"r": 2.5}, {"lora_alpha": "8"}, {"rank_pattern": {"q_proj": -1}},
+                                   {"use_rslora": "yes"}, {"rank_pattern": {"(": 2}}])  # fmt: skip
+def test_bad_config_values(base, adapters, tmp_path, value):
+    folder = tmp_path / "ad"
+    shutil.copytree(adapters["lora"], folder)
+    _edit_config(folder, **value)
+    with CheckpointReader(base) as b, pytest.raises(MergeError, match="adapter|regular expression"):
+        LoraModelReader(folder, b)
