@@ -107,7 +107,9 @@ def test_bfloat16_base_keeps_the_adapters_delta(tmp_path):
     manifest = merge_checkpoints(str(base), [str(a) for a in ad], str(tmp_path / "out"), "task_arithmetic")
     out = _load(tmp_path / "out")
     assert {t.dtype for t in out.values()} == {torch.bfloat16}
-    assert not [w for w in manifest["warnings"] if "different dtypes" in w]  # read in float32, merged as bfloat16
+    assert not [
+        w for w in manifest["warnings"] if "different dtypes" in w
+    ]  # read in float32, merged as bfloat16
     w = load_model(base, torch.bfloat16).state_dict()
     deltas = [merged_reference(base, a, dtype=torch.float32) for a in ad]  # float32 base copy: exact deltas
     name = "model.layers.0.self_attn.q_proj.weight"
