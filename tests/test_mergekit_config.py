@@ -336,6 +336,9 @@ REFUSED = [
      "  - {{model: {ft0}, parameters: {{weight: 1, gamma: 0.01}}}}\n"
      "  - {{model: {ft1}, parameters: {{weight: 1, gamma: 0.02}}}}\n", "gamma differs between the models"),
     ("merge_method: ties\nmodels:\n  - model: {ft0}\n", "base_model: mergekit's ties needs a base model"),
+    (GOOD.replace("ties", "dare_ties") + "parameters: {{rescale: [true, false]}}\n", "parameters.rescale: one value"),
+    (GOOD.replace("model: {ft1}, parameters: {{weight: 1, density: 0.5}}", "model: {ft1}, parameters: {{weight: 0}}")
+     .replace("  - {{model: {ft0}", "  - {{model: {ft0}x"), "models[0].model:"),
     ("- just\n- a list\n", "a mergekit configuration is a mapping"),
     ("merge_method: ties\nmodels: [unclosed\n", "not valid YAML"),
     ("merge_method: ties\nmerge_method: linear\n", "given twice"),

@@ -648,6 +648,8 @@ def load_recipe(path: str | Path, name_resolver: NameResolver | None = None) -> 
         folders.append(_resolve(where, name, name_resolver))
     if tok is not None:
         _resolve("tokenizer_source", tok, name_resolver)
+    if method in ("dare_ties", "dare_linear") and is_varying(global_settings.get("rescale", False)):
+        raise MergeError(f"parameters.rescale: one value for the whole merge here ({method}'s DARE rescale)")
     settings_all = [global_settings, *(s for _, s in merged)]
     varying = any(is_varying(v) for s in settings_all for v in s.values())
     recipe = Recipe(
