@@ -249,6 +249,8 @@ def guard_paths(
 
 
 def main(argv=None) -> dict:
+    from utils.run_settings import dare_settings, run_settings
+
     args = parse_args(argv)
     setup_logging()
     # every flag is checked before any file or folder is written
@@ -347,8 +349,22 @@ def main(argv=None) -> dict:
             print(f"model ready, not evaluated (--skip_evaluation): {model_path}")
             return {}
         generator = model_path if dare else model_label
+        settings = run_settings(
+            args, script="inference_llms_instruct_math_code.py", model=model_label,
+            kind="dare" if args.weight_mask_rate > 0 else "model",
+            dare=dare_settings(
+                args.weight_mask_rate, args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed
+            ) if args.weight_mask_rate > 0 else None,
+            backbone=backbone,
+        )  # fmt: skip
         results = evaluate_model(
-            model_path, [dataset], save_name, args.output_dir, args, generator_name=generator
+            model_path,
+            [dataset],
+            save_name,
+            args.output_dir,
+            args,
+            generator_name=generator,
+            settings=settings,
         )
         if dare and args.remove_saved_model and os.path.lexists(masked_path):
             remove_toolkit_output(masked_path)  # only ever a folder this toolkit wrote

@@ -21,6 +21,7 @@ evaluation flags and ``--seed`` may be added. Every merge writes the equivalent 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 from utils.cli import UserError, run_main, setup_logging
 from utils.method_cli import add_dare_arguments, add_method_arguments, method_settings
 from utils.run_names import method_run_name
+from utils.run_settings import dare_settings, run_settings
 
 TASKS = ("instruct", "math", "code")
 # fallback when utils.llm_evaluation is not importable (same mapping as its TASK_DATASETS)
@@ -223,7 +225,11 @@ def _adapter_base(names: list[str]) -> str | None:
 
 
 def _evaluate(
-    args: argparse.Namespace, merged_path: Path, tasks: list[str], save_name: str
+    args: argparse.Namespace,
+    merged_path: Path,
+    tasks: list[str],
+    save_name: str,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate the merged model on the datasets of ``tasks`` with ``utils.llm_evaluation.evaluate_model``."""
     if not tasks:
@@ -238,8 +244,25 @@ def _evaluate(
     datasets = _evaluation_datasets(tasks)
     output_root = getattr(args, "evaluation_output_dir", None) or "save_merge_llm_results"
     return evaluate_model(
-        str(merged_path), datasets, save_name, output_root, args, generator_name=str(merged_path)
+        str(merged_path),
+        datasets,
+        save_name,
+        output_root,
+        args,
+        generator_name=str(merged_path),
+        settings=settings,
     )
+
+
+def _merged_settings(merged_path: Path) -> dict[str, Any] | None:
+    """The settings a merged model was made with (its manifest's ``settings``), for --evaluate_only."""
+    try:
+        settings = json.loads((merged_path / "merge_manifest.json").read_text(encoding="utf-8")).get(
+            "settings"
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def _evaluation_datasets(tasks: list[str]) -> list[str]:
@@ -356,7 +379,11 @@ def main_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if getattr(args, "evaluate_only", False):
         if not (merged_path / "config.json").is_file():
             raise UserError(f"--evaluate_only: no merged model at {merged_path}")
-        return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
+        return {
+            "evaluation": _evaluate(
+                args, merged_path, eval_tasks, f"{group}/{save_name}", _merged_settings(merged_path)
+            )
+        }
     # mergekit refuses models whose vocabularies differ unless a tokenizer source is named
     vocab_policy = args.vocab_policy if "vocab_policy" in given or recipe.tokenizer_source else "error"
     options = output_options(
@@ -365,13 +392,18 @@ def main_config(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         overwrite=args.overwrite, num_threads=args.num_threads, name_resolver=hub_id, device=args.device,
     )  # fmt: skip
     manifest = run_recipe(recipe, str(merged_path), options, seed=args.seed)
+    run = run_settings(
+        args, script="merge_llms_instruct_math_code.py", kind="merge", model=group,
+        merge={"method": recipe.method, "mergekit_method": recipe.merge_method, "config": recipe.config,
+               "models": recipe.models, "pretrained": recipe.base},
+    )  # fmt: skip
     for line in manifest.get("housekeeping", []):
         print(line, file=sys.stderr)
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"merged model: {merged_path}")
     if not args.skip_evaluation:
-        manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")
+        manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}", run)
     return manifest
 
 
@@ -428,7 +460,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if getattr(args, "evaluate_only", False):  # the original's direct_inference_merged_llms_* script
         if not (merged_path / "config.json").is_file():
             raise UserError(f"--evaluate_only: no merged model at {merged_path}")
-        return {"evaluation": _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")}
+        return {
+            "evaluation": _evaluate(
+                args, merged_path, eval_tasks, f"{group}/{save_name}", _merged_settings(merged_path)
+            )
+        }
     from model_merging_methods.streaming import DareSettings
     from utils.mergekit_config import equivalent_config, equivalent_files
 
@@ -439,6 +475,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         method_name, settings, pretrained, names, dare=dare, dtype=args.dtype, name_resolver=hub_id
     )
     extra_files, manifest_extra = equivalent_files(equivalent, args.seed)
+    run = run_settings(
+        args, script="merge_llms_instruct_math_code.py", kind="merge", model=group,
+        merge={"method": method_name, "params": settings, "models": names, "pretrained": pretrained},
+        dare=dare_settings(rates, args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed)
+        if dare is not None else None,
+    )  # fmt: skip
+    manifest_extra = {**(manifest_extra or {}), "settings": run}
     manifest = stream_merge(
         pretrained, names, str(merged_path), extra_files=extra_files, manifest_extra=manifest_extra,
         merging_method_name=args.merging_method_name, **settings,
@@ -456,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"merged {'LoRA adapter' if args.output_format == 'lora' else 'model'}: {merged_path}")
     if not args.skip_evaluation:
-        manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}")
+        manifest["evaluation"] = _evaluate(args, merged_path, eval_tasks, f"{group}/{save_name}", run)
     return manifest
 
 

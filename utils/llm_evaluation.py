@@ -787,8 +787,11 @@ def evaluate_model(
     output_root: str,
     args: argparse.Namespace,
     generator_name: str | None = None,
+    settings: dict | None = None,
 ) -> dict[str, dict]:
-    """Generate (one engine for all datasets), write the files and score; returns ``{dataset: results}``."""
+    """Generate (one engine for all datasets), write the files and score; returns ``{dataset: results}``. Each
+    results file carries ``settings`` (:func:`utils.run_settings.run_settings`: what was evaluated, every flag,
+    versions, commit) when given."""
     from utils.generation_backends import create_backend, resolve_backend_name
 
     if not dataset_names:
@@ -890,6 +893,8 @@ def evaluate_model(
             results["evaluated"] = plan.dataset != "alpaca_eval"
         files["results"] = str(plan.out_dir / "results.json")
         results = round_floats(results)
+        if settings is not None:
+            results["settings"] = settings
         with _Writing(plan.out_dir / "results.json"):
             write_results_json(plan.out_dir / "results.json", results)
         all_results[plan.dataset] = results
