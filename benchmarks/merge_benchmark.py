@@ -252,6 +252,7 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> dic
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {
         "wall_s": wall, "peak_rss_bytes": rss, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "load_before": load,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
     }  # fmt: skip
 
 
@@ -418,8 +419,12 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_ta / naive_ta (time)": r("ours_ta", "naive_ta"),
         "ours_ta / naive_ta (peak RSS)": r("ours_ta", "naive_ta", "peak_rss_bytes"),
     }
+    for a, b in (("ours_dare_ties", "mergekit_dare_ties"), ("ours_dare_ties_trim_global", "mergekit_dare_ties"),
+                 ("ours_ta", "read_write"), ("ours_dare_single", "read_write_single")):  # fmt: skip
+        ratios[f"{a} / {b} (CPU user+sys)"] = r(a, b, "cpu_s")
     for name in baselines:
         for run in baseline_runs[name]:
+            ratios[f"{run} / {name}:{run} (CPU user+sys)"] = r(run, f"{name}:{run}", "cpu_s")
             ratios[f"{run} / {name}:{run} (time)"] = r(run, f"{name}:{run}")
             ratios[f"{run} / {name}:{run} (peak RSS)"] = r(run, f"{name}:{run}", "peak_rss_bytes")
     result = {
