@@ -272,22 +272,35 @@ def build_tiny_classifier(
 def build_wordpiece_tokenizer(
     texts: Iterable[str], vocab_size: int = 8000, save_dir: str | Path | None = None
 ) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer (lower-cased, accents stripped, ``[CLS] a [SEP] b [SEP]``) trained on
-    ``texts``: sub-words, so unseen words still get pieces (for the offline GLUE story's pre-trained encoder)."""
+    """A BERT-style WordPiece tokenizer (lower-cased, accents stripped, ``[CLS] a [SEP] b [SEP]``) whose vocabulary
+    is built deterministically from ``texts``: the five special tokens, every character (as a word start and as a
+    ``##`` continuation, so no word is unknown), then the most frequent words (ties by spelling) up to
+    ``vocab_size``. (The ``tokenizers`` WordPiece trainer breaks ties differently from run to run, so the same
+    texts gave a different vocabulary each time.)"""
+    from collections import Counter
+
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab: dict[str, int] = {}
+    for token in [*specials, *chars, *(f"##{c}" for c in chars)]:
+        vocab.setdefault(token, len(vocab))
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(
-        list(texts),
-        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2),
-    )
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
