@@ -31,6 +31,7 @@ import torch
 
 from model_merging_methods import rng
 from model_merging_methods.devices import resolve_device
+from model_merging_methods.threads import torch_threads
 
 StateDict = dict[str, torch.Tensor]
 
@@ -273,20 +274,29 @@ def mask_model_weights(
             raise ValueError("delta_weight masking needs the pretrained model")
         check_same_parameters([finetuned, pretrained], ["the fine-tuned model", "the pretrained model"])
     result: StateDict = {}
-    for name, tensor in finetuned.items():
-        if is_excluded(name, exclude):
-            result[name] = tensor
-            continue
-        result[name] = mask_tensor(
-            name,
-            tensor,
-            None if pretrained is None else pretrained[name],
-            weight_format=weight_format,
-            weight_mask_rate=weight_mask_rate,
-            use_weight_rescale=use_weight_rescale,
-            mask_strategy=mask_strategy,
-            seed=seed,
-            model_index=model_index,
-            device=device,
-        )
+    threads = 1 if mask_strategy == "random" else torch.get_num_threads()  # random DARE: chunks of 2^18
+    with torch_threads(threads):
+        for name, tensor in finetuned.items():
+            if is_excluded(name, exclude):
+                result[name] = tensor
+                continue
+            result[name] = _mask_one(
+                name, tensor, pretrained, weight_format, weight_mask_rate, use_weight_rescale, mask_strategy, seed,
+                model_index, device,
+            )  # fmt: skip
     return result
+
+
+def _mask_one(name, tensor, pretrained, weight_format, rate, rescale, strategy, seed, model_index, device):
+    return mask_tensor(
+        name,
+        tensor,
+        None if pretrained is None else pretrained[name],
+        weight_format=weight_format,
+        weight_mask_rate=rate,
+        use_weight_rescale=rescale,
+        mask_strategy=strategy,
+        seed=seed,
+        model_index=model_index,
+        device=device,
+    )
