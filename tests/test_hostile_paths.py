@@ -489,7 +489,7 @@ def test_inference_dare_model_inside_the_results_folder(world, guarded, capsys):
 
 @pytest.mark.parametrize(
     "flag, value, message",
-    [("--code_timeout", "0", "must be > 0"), ("--code_timeout", "nan", "finite"), ("--code_timeout", "inf", "finite"),
+    [("--code_timeout", "0", r"in \(0, 3600\]"), ("--code_timeout", "nan", "finite"), ("--code_timeout", "inf", "finite"),
      ("--max_new_tokens", "0", ">= 1"), ("--generation_batch_size", "0", ">= 1"),
      ("--gpu_memory_utilization", "1.5", r"\(0, 1\]"), ("--start_index", "-1", ">= 0"),
      ("--weight_mask_rate", "nan", "in \\[0, 1\\]")],
