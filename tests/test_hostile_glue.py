@@ -216,7 +216,7 @@ def test_over_long_names_and_bad_numbers(world, tmp_path, capsys, snapshot):
     common = [*_common(world, tmp_path / "r"), "--dataset_names", "cola", "rte"]
     for flag, value, fragment in (("--scaling_coefficient", "nan", "finite"), ("--scaling_coefficient", "inf", "finite"),
                                   ("--weight_mask_rate", "1.5", "[0, 1]"), ("--max_seq_length", "0", "at least 2"),
-                                  ("--nums_fisher_examples", "0", "at least 1"),
+                                  ("--nums_fisher_examples", "0", ">= 1"),
                                   ("--finetuned_model_template", "models/cola", "{task}"),
                                   ("--finetuned_model_template", "models/{tsk}", "only {task}")):  # fmt: skip
         _refused(merge_plms_glue.main, [*common, flag, value], capsys, fragment)
