@@ -115,22 +115,10 @@ def local_model_inputs(named: dict[str, str | None], name_resolver=None) -> dict
 
 
 def llm_data_inputs(args, datasets) -> dict[str, Path]:
-    """``{label: data file}`` of every data file an LLM evaluation of ``datasets`` may read (the per-dataset flags,
-    ``--data_file`` and the standard files in ``--data_dir``), for the output-path guard."""
+    """``{label: data file or folder}`` an LLM evaluation of ``datasets`` reads, for the output-path guard
+    (:func:`utils.llm_evaluation.evaluation_data_inputs`); empty when evaluation is not installed."""
     try:
-        from utils.llm_evaluation import DATA_FILE_FLAGS
-        from utils.math_code_data import STANDARD_FILES, default_data_dir
+        from utils.llm_evaluation import evaluation_data_inputs
     except ImportError:  # no evaluation installed: nothing is read
         return {}
-
-    out: dict[str, Path] = {}
-    for dest in [*DATA_FILE_FLAGS.values(), "data_file"]:
-        value = getattr(args, dest, None)
-        if value:
-            out[f"--{dest}"] = Path(value)
-    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else default_data_dir()
-    for dataset in datasets:
-        standard = data_dir / STANDARD_FILES.get(dataset, "")
-        if dataset in STANDARD_FILES and os.path.lexists(standard):
-            out[f"{dataset} data"] = standard
-    return out
+    return evaluation_data_inputs(datasets, args)

@@ -709,6 +709,22 @@ def _write_harness_files(plan: _Plan, generator_name: str, completions: Sequence
     return files
 
 
+def evaluation_data_inputs(dataset_names: Sequence[str], args: argparse.Namespace) -> dict[str, Path]:
+    """``{label: path}`` of every data file and folder an evaluation of ``dataset_names`` reads (nothing is read):
+    the inputs an output path must never touch."""
+    inputs: dict[str, Path] = {}
+    for dataset in dataset_names:
+        if dataset not in DATASET_NAMES:
+            raise UserError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASET_NAMES)})")
+        sources = data_source_paths(
+            dataset, _data_file_for(dataset, dataset_names, args), _arg(args, "data_dir")
+        )
+        flag = f"--{DATA_FILE_FLAGS[dataset]}" if _arg(args, DATA_FILE_FLAGS[dataset]) else "--data_file"
+        labels = {"data file": flag, "data folder": f"{dataset} data folder (--data_dir)"}
+        inputs.update({labels.get(role, f"{dataset} {role}"): Path(path) for role, path in sources.items()})
+    return inputs
+
+
 def check_evaluation_outputs(
     dataset_names: Sequence[str],
     save_name: str,
@@ -724,13 +740,7 @@ def check_evaluation_outputs(
     for i, model in enumerate(model_paths):
         if model:
             inputs[f"model{i + 1 if len(model_paths) > 1 else ''}"] = model
-    for dataset in dataset_names:
-        if dataset not in DATASET_NAMES:
-            raise UserError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASET_NAMES)})")
-        sources = data_source_paths(
-            dataset, _data_file_for(dataset, dataset_names, args), _arg(args, "data_dir")
-        )
-        inputs.update({f"{dataset} {role}": path for role, path in sources.items()})
+    inputs.update(evaluation_data_inputs(dataset_names, args))
     outputs = {f"folder for {d}": Path(output_root) / d / str(save_name) for d in dataset_names}
     guard_outputs(outputs, inputs)
     for out in outputs.values():
