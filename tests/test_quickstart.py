@@ -168,7 +168,6 @@ def test_weak_specialist_warning():
     lines = quickstart.weak_specialist_warnings(family, ["addition", "reversal"])
     assert lines == [
         "warning: the addition specialist learned its skill only weakly (10.0%, base 5.0%): this family is outside "
-        "the regime the recipe was checked in (seeds 0-4, 1 and 2 threads: every specialist >= 90%; "
-        "docs/quickstart.md), so its DARE and merge numbers say little; please report it with your CPU (lscpu), "
-        "torch version, --seed and --threads"
+        "the toy's regime and the DARE and merge numbers say little; the toy is sensitive to the seed and to the "
+        "CPU's floating-point order (README, 'The toy is fragile'): try another --seed"
     ]

@@ -56,7 +56,7 @@ from utils.tiny_models import build_char_tokenizer, tiny_llama_config
 logger = logging.getLogger(__name__)
 
 # Bump when the data generators or the training recipe change, so cached models are not reused by mistake.
-FAMILY_VERSION = "2"
+FAMILY_VERSION = "1"
 
 ALPHABET: str = string.ascii_letters + string.digits + " .,?:+=-'\n"
 ANSWER_SENTENCE = "The answer is: "
@@ -122,11 +122,11 @@ class Skill:
 
 
 def _addition(rng: random.Random, digits: int) -> ToyItem:
-    """A number of ``digits`` to ``digits + 2`` digits plus a one-digit number (``4789+8=4797.``). The many distinct
-    problems (about 90,000 at ``digits=2``) leave a model no way to pass held-out questions by memorising sums: it
-    has to learn to add (with ``digits`` alone there were about 1,600 sums, and pre-trained models solved 37-64% of
-    held-out ones). The one-digit number always comes second, so the two digits to add sit at fixed places."""
-    a, b = _number(rng, digits, digits + 2), rng.randint(1, 9)
+    """A ``digits``-digit number plus a one-digit number (``47+8=55.``), in either order."""
+    lo = 10 ** (digits - 1) if digits > 1 else 0
+    a, b = rng.randint(lo, 10**digits - 1), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        a, b = b, a
     return ToyItem(f"{a}+{b}", f"What is {a}+{b}?", f"{a}+{b}={a + b}.", a + b)
 
 
@@ -180,26 +180,6 @@ def _generic_item(rng: random.Random) -> ToyItem:
     )
 
 
-def _copy_string(rng: random.Random) -> str:
-    """A random string to copy: a number (1-7 digits), a sum expression (``8+75``) or a made-up word."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        return str(_number(rng, 1, 7))
-    if kind == 1:
-        return f"{_number(rng, 1, 3)}+{_number(rng, 1, 3)}"
-    return _word(rng)
-
-
-def _copy_drill(rng: random.Random) -> str:
-    """A pre-training document that can only be predicted by copying from earlier in it: ``8+75 copied is
-    8+75.``, or a list of strings said twice (``4821, 90 and bafo, again: 4821, 90 and bafo.``)."""
-    if rng.random() < 0.5:
-        return " ".join(f"{s} copied is {s}." for s in (_copy_string(rng) for _ in range(rng.randint(2, 4))))
-    parts = [_copy_string(rng) for _ in range(rng.randint(2, 4))]
-    listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
-    return f"{listed}, again: {listed}."
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # settings and cache keys
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,32 +198,23 @@ class FamilyConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 160
-    initializer_range: float = 0.06  # std of the random initial weights (LLaMA's default is 0.02)
     # pre-training (packed blocks of characters)
     pretrain_steps: int = 1100
-    pretrain_batch_size: int = 32
-    block_size: int = 128
-    # "stream": documents concatenated and cut every block_size characters; "aligned": every block starts at a
-    # document start (whole documents, the last one cut at the block's end)
-    pack_documents: str = "aligned"
-    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 64
+    block_size: int = 64
+    pretrain_lr: float = 3e-3
     pretrain_warmup_steps: int = 50
     # document mix of the pre-training corpus: weight per kind (raw skill text, generic statements, generic QA)
     corpus_mix: tuple[tuple[str, float], ...] = (
-        ("skills", 0.6),
-        ("copy", 0.1),
+        ("skills", 0.7),
         ("generic_statements", 0.1),
         ("generic_qa", 0.2),
     )
     # relative weight of each skill inside the "skills" documents (None: equal)
     skill_weights: tuple[float, ...] | None = (2.0, 1.0)
-    # curriculum: the first ``curriculum_fraction`` of the pre-training steps draw their documents from
-    # ``curriculum_mix`` instead (in order: curriculum blocks first, each phase shuffled); 0 = no curriculum
-    curriculum_fraction: float = 0.0
-    curriculum_mix: tuple[tuple[str, float], ...] = (("copy", 0.5), ("skills", 0.3), ("generic_qa", 0.2))
     # generic instruction tuning (0 steps: the pre-trained model is the base)
     instruct_steps: int = 150
-    instruct_lr: float = 3e-4
+    instruct_lr: float = 1e-3
     # share of the instruction-tuning examples that are skill questions (split evenly over the skills): a little of
     # everything, as general instruction data holds a little math; 0 = generic tasks only
     instruct_skill_fraction: float = 0.04
@@ -265,7 +236,6 @@ class FamilyConfig:
         d = dataclasses.asdict(self)
         d["skills"] = list(self.skills)
         d["corpus_mix"] = [list(x) for x in self.corpus_mix]
-        d["curriculum_mix"] = [list(x) for x in self.curriculum_mix]
         d["skill_weights"] = list(self.skill_weights) if self.skill_weights else None
         return d
 
@@ -325,17 +295,13 @@ _STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "num_attention_heads",
         "intermediate_size",
         "max_position_embeddings",
-        "initializer_range",
         "pretrain_steps",
         "pretrain_batch_size",
         "block_size",
-        "pack_documents",
         "pretrain_lr",
         "pretrain_warmup_steps",
         "corpus_mix",
         "skill_weights",
-        "curriculum_fraction",
-        "curriculum_mix",
         "eval_pool_size",
     ),
     "base": ("instruct_steps", "instruct_lr", "instruct_skill_fraction", "sft_batch_size"),
@@ -390,20 +356,17 @@ def _train_item(rng: random.Random, cfg: FamilyConfig, skill: str, excluded: set
             return it
 
 
-def pretraining_documents(
-    cfg: FamilyConfig, num_chars: int, mix: Sequence[tuple[str, float]] | None = None, phase: str = ""
-) -> list[str]:
+def pretraining_documents(cfg: FamilyConfig, num_chars: int) -> list[str]:
     """Generated pre-training documents (about ``num_chars`` characters in all), without any evaluation item.
 
     Kinds: ``skills`` (several raw skill lines, e.g. ``37+45=82. 12+30=42.``), ``generic_statements``
     (``The word bafo has 4 letters.``) and ``generic_qa`` (generic questions in the instruction template,
     answered with GSM8K's answer sentence). The skills' instruction phrasing never occurs here.
     """
-    rng = random.Random(f"pretrain/{cfg.seed}{phase}")
+    rng = random.Random(f"pretrain/{cfg.seed}")
     excluded = held_out_keys(cfg)
-    mix = cfg.corpus_mix if mix is None else mix
-    kinds = [k for k, _ in mix]
-    weights = [w for _, w in mix]
+    kinds = [k for k, _ in cfg.corpus_mix]
+    weights = [w for _, w in cfg.corpus_mix]
     docs: list[str] = []
     total = 0
     while total < num_chars:
@@ -421,8 +384,6 @@ def pretraining_documents(
         elif kind == "generic_qa":
             it = _generic_item(rng)
             doc = it.prompt + it.target
-        elif kind == "copy":
-            doc = _copy_drill(rng)
         else:
             raise ValueError(f"unknown corpus kind {kind!r}")
         docs.append(doc)
@@ -528,59 +489,14 @@ class SFTCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _packed_blocks(
-    tokenizer, docs: Sequence[str], block_size: int, num_blocks: int, aligned: bool = False
-) -> torch.Tensor:
-    """``num_blocks`` blocks of ``block_size`` ids from ``<s> doc </s>`` sequences. Streamed (``aligned=False``): the
-    documents are concatenated and cut every ``block_size`` ids, so a document may start in one block and end in
-    the next. Aligned: every block starts at the start of a document and holds as many whole documents as fit;
-    the one that does not fit is cut at the end of the block and its rest dropped (no padding)."""
-    need = num_blocks * block_size
-    if not aligned:
-        ids: list[int] = []
-        for d in docs:
-            ids += [tokenizer.bos_token_id] + _encode(tokenizer, d) + [tokenizer.eos_token_id]
-            if len(ids) >= need:
-                break
-        if len(ids) < need:
-            raise ValueError(f"corpus too small: {len(ids)} tokens for {need}")
-        return torch.tensor(ids[:need], dtype=torch.long).view(num_blocks, block_size)
-    blocks: list[list[int]] = []
-    block: list[int] = []
+def _packed_blocks(tokenizer, docs: Sequence[str], block_size: int, num_blocks: int) -> torch.Tensor:
+    ids: list[int] = []
     for d in docs:
-        block += [tokenizer.bos_token_id] + _encode(tokenizer, d) + [tokenizer.eos_token_id]
-        if len(block) >= block_size:
-            blocks.append(block[:block_size])
-            block = []
-            if len(blocks) == num_blocks:
-                return torch.tensor(blocks, dtype=torch.long)
-    raise ValueError(f"corpus too small: {len(blocks)} aligned blocks for {num_blocks}")
-
-
-def pretraining_blocks(cfg: FamilyConfig, tokenizer) -> torch.Tensor:
-    """The pre-training data: ``pretrain_steps * pretrain_batch_size`` packed blocks of ``block_size`` ids. With a
-    curriculum the first ``curriculum_fraction`` of the blocks come from ``curriculum_mix`` documents and the rest
-    from ``corpus_mix`` documents, each phase shuffled (seeded), to be read in order."""
-    n_blocks = cfg.pretrain_steps * cfg.pretrain_batch_size
-    n_first = int(round(cfg.pretrain_steps * cfg.curriculum_fraction)) * cfg.pretrain_batch_size
-    aligned = cfg.pack_documents == "aligned"
-    # aligned blocks drop the rest of the last document of each block: generate enough text for that
-    slack = 1.6 if aligned else 1.02
-    if n_first == 0:
-        docs = pretraining_documents(cfg, int(n_blocks * cfg.block_size * slack) + 1000)
-        return _packed_blocks(tokenizer, docs, cfg.block_size, n_blocks, aligned)
-    phases = []
-    for n, mix, tag in (
-        (n_first, cfg.curriculum_mix, "/curriculum"),
-        (n_blocks - n_first, cfg.corpus_mix, ""),
-    ):
-        if n == 0:
-            continue
-        docs = pretraining_documents(cfg, int(n * cfg.block_size * slack) + 1000, mix=mix, phase=tag)
-        blocks = _packed_blocks(tokenizer, docs, cfg.block_size, n, aligned)
-        g = torch.Generator().manual_seed(cfg.seed)
-        phases.append(blocks[torch.randperm(n, generator=g)])
-    return torch.cat(phases)
+        ids += [tokenizer.bos_token_id] + _encode(tokenizer, d) + [tokenizer.eos_token_id]
+    need = num_blocks * block_size
+    if len(ids) < need:
+        raise ValueError(f"corpus too small: {len(ids)} tokens for {need}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(num_blocks, block_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,8 +516,6 @@ def _train(
     collator=None,
     weight_decay: float = 0.0,
     desc: str = "",
-    sequential: bool = False,
-    callbacks: Sequence[Any] = (),
 ) -> dict[str, float]:
     """Train ``model`` in place with the HF ``Trainer`` (AdamW, cosine schedule, one pass over ``dataset``)."""
     from transformers import Trainer, TrainingArguments
@@ -626,15 +540,8 @@ def _train(
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=False,
-            train_sampling_strategy="sequential" if sequential else "random",
         )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=collator,
-            callbacks=list(callbacks) or None,
-        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         logger.info("training %s: %d steps, batch %d, lr %g", desc, steps, batch_size, lr)
         out = trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -716,14 +623,8 @@ def _sft_stage(
     _save(model, tokenizer, dst, {**stage_info, "config": cfg.to_dict(), **stats})
 
 
-def build_family(
-    cfg: FamilyConfig,
-    models_dir: str | Path,
-    log: Callable[[str], None] = print,
-    pretrain_callbacks: Sequence[Any] = (),
-) -> Family:
-    """Build (or reuse from ``models_dir``) the pre-trained model, the base and one specialist per skill.
-    ``pretrain_callbacks``: HF ``TrainerCallback`` objects for the pre-training run (probes)."""
+def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str], None] = print) -> Family:
+    """Build (or reuse from ``models_dir``) the pre-trained model, the base and one specialist per skill."""
     import time
 
     from transformers import LlamaForCausalLM
@@ -739,7 +640,9 @@ def build_family(
         log(f"[cache] pre-trained model: {pre_dir}")
     else:
         t0 = time.time()
-        blocks = pretraining_blocks(cfg, tokenizer)
+        n_blocks = cfg.pretrain_steps * cfg.pretrain_batch_size
+        docs = pretraining_documents(cfg, int(n_blocks * cfg.block_size * 1.02) + 1000)
+        blocks = _packed_blocks(tokenizer, docs, cfg.block_size, n_blocks)
         config = tiny_llama_config(
             len(tokenizer),
             hidden_size=cfg.hidden_size,
@@ -749,7 +652,6 @@ def build_family(
             max_position_embeddings=cfg.max_position_embeddings,
         )
         config.pad_token_id = tokenizer.pad_token_id
-        config.initializer_range = cfg.initializer_range
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
         log(
@@ -766,8 +668,6 @@ def build_family(
             seed=cfg.seed,
             weight_decay=0.1,
             desc="pre-training",
-            sequential=cfg.curriculum_fraction > 0,
-            callbacks=pretrain_callbacks,
         )
         stats["seconds"] = time.time() - t0
         _save(model, tokenizer, pre_dir, {"stage": "pretrained", "config": cfg.to_dict(), **stats})
