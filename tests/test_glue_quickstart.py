@@ -26,6 +26,7 @@ def _write_glue(d: Path) -> None:
     (d / "CoLA").mkdir()
     (d / "STS-B").mkdir()
     (d / "MNLI").mkdir()
+    (d / "QNLI").mkdir()
     for name, n in (("train.tsv", 80), ("dev.tsv", 30)):
         (d / "SST-2" / name).write_text(
             "sentence\tlabel\n" + "".join(f"{_sentence(i)}\t{i % 2}\n" for i in range(n))
@@ -38,6 +39,13 @@ def _write_glue(d: Path) -> None:
                 for i in range(n)
             )
         )
+    (d / "QNLI" / "dev.tsv").write_text(
+        "index\tquestion\tsentence\tlabel\n"
+        + "".join(
+            f"{i}\t{_sentence(i)}\t{_sentence(i + 3)}\t{('entailment', 'not_entailment')[i % 2]}\n"
+            for i in range(100)
+        )
+    )
     labels = ["entailment", "neutral", "contradiction"]
     (d / "MNLI" / "dev_matched.jsonl").write_text(
         "".join(json.dumps({"premise": _sentence(i), "hypothesis": _sentence(i + 5), "label": labels[i % 3]}) + "\n"
@@ -80,7 +88,13 @@ def test_glue_story_ci_size_and_cache(tmp_path):
     all_methods = [r["method"] for r in _rows(out / "glue_all_tasks.csv")]
     assert all_methods[0] == "fine-tuned (individual)"
     assert "slerp_merging" in pair_methods and "slerp_merging" not in all_methods  # SLERP merges two models
-    assert len(_rows(out / "glue_pairwise.csv")[0]) == 1 + 12 + 1  # method, 12 ordered pairs, mean
+    # method, the 4 pairs of the cycle sst2→stsb→qnli→mnli→sst2, mean
+    assert list(_rows(out / "glue_pairwise.csv")[0])[1:-1] == [
+        "sst2→stsb",
+        "stsb→qnli",
+        "qnli→mnli",
+        "mnli→sst2",
+    ]
     for name in ("glue_story.md", "glue_dare_drop_rate.png", "glue_all_tasks.png"):
         assert (out / name).stat().st_size > 100, name
     assert set(first["findings"]) == {

@@ -326,6 +326,14 @@ def test_merge_every_method_on_one_pair(world, trained):
     assert select_test[0]["selection_split"] == "test"
     assert select_test[0]["eval_loss"] == select_test[0]["selection_metrics"]["eval_loss"]
     assert len(list((root / "cola_stsb" / "task_arithmetic").glob("*select_test*.json"))) == 1
+    # a cheaper search on the first 8 validation rows: the one-point grid selects the same λ, so the test numbers are
+    # those of the full search; the selection numbers are the 8 rows' own
+    cheap = _merge(world, "--merging_method_name", "task_arithmetic", "--max_selection_samples", "8")
+    for full, few in zip(results["task_arithmetic"], cheap):
+        assert few["scaling_coefficient"] == full["scaling_coefficient"]
+        assert few["eval_loss"] == full["eval_loss"]
+        assert few["selection_metrics"]["eval_loss"] != full["selection_metrics"]["eval_loss"]
+    assert len(list((root / "cola_stsb" / "task_arithmetic").glob("*maxsel8*.json"))) == 1
 
 
 # ----------------------------------------------------------------------------------------------- bad input

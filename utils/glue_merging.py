@@ -172,6 +172,7 @@ class MergeSettings:
     batch_size: int = 16
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    max_selection_samples: int | None = None  # the search's validation rows (test: max_eval_samples)
     fisher_variant: str = "faithful"
     normalize_fisher_weight: bool = False
     minimal_fisher_weight: float = 1e-6
@@ -293,6 +294,8 @@ def settings_suffix(settings: MergeSettings) -> str:
         parts.append(f"maxtrain{settings.max_train_samples}")
     if settings.max_eval_samples is not None:
         parts.append(f"maxeval{settings.max_eval_samples}")
+    if settings.max_selection_samples is not None:
+        parts.append(f"maxsel{settings.max_selection_samples}")
     if base == "fisher_merging":
         if settings.fisher_variant != "faithful":
             parts.append(f"fisher_{settings.fisher_variant}")

@@ -16,8 +16,9 @@
    did not beat their majority class (CoLA MCC 0.03-0.13, MRPC at the majority, RTE at chance).
 4. **DARE sweep** with ``inference_plms_glue.py``: p = 0 / 0.5 / 0.9 / 0.99 (DARE: drop + rescale), DropOnly and
    magnitude pruning at 0.9, mean of three mask seeds.
-5. **Merging** with ``merge_plms_glue.py``'s run object: every ordered pair and all four tasks at once, with every
-   method of the method registry and DARE + each, on reduced grids (selection on the validation split).
+5. **Merging** with ``merge_plms_glue.py``'s run object: pairs in a cycle through the tasks (each task once as the
+   source, once as the target) and all four tasks at once, with every method of the method registry and DARE + each,
+   on reduced grids (selection on the validation split).
 6. Tables (JSON, CSV, Markdown), plots and the paper's two encoder findings checked on the numbers.
 
 Everything is cached under ``--output_dir``: the derived data, the pre-trained encoder (by its own settings), the
@@ -74,6 +75,8 @@ class StorySize:
     dare_seeds: tuple[int, ...] = (0, 1, 2)
     merge_grids: dict[str, list] = field(default_factory=dict)
     merge_max_train_samples: int = 512
+    merge_selection_samples: int | None = None  # the merge search's validation rows (test: max_eval_samples)
+    merge_pairs: str = "cycle"  # "cycle": t1→t2, …, tn→t1 (each task once as source, once as target); "all"
     mnli_train_fraction: float = 0.8  # MNLI and QNLI re-splits: the share of their dev set to train on
 
 
@@ -101,7 +104,7 @@ SIZES: dict[str, StorySize] = {
                      "fisher_scaling_coefficients": [1.0], "nums_fisher_examples": [16],
                      "nums_regmean_examples": [16], "reduce_non_diagonal_ratio": [0.9], "weight_mask_rate": [0.5],
                      "slerp_t": [0.5], "tall_mask_lambda": [0.4]},
-        merge_max_train_samples=32,
+        merge_max_train_samples=32, merge_selection_samples=16,
     ),
 }  # fmt: skip
 
@@ -496,6 +499,8 @@ class Story:
         argv = ["--dataset_names", *self.size.tasks, *self.common(), "--merge_mode", mode,
                 "--merging_method_name", method, "--results_dir", str(self.run / "merge_results"),
                 "--max_train_samples", str(self.size.merge_max_train_samples), "--seed", str(self.args.seed)]  # fmt: skip
+        if self.size.merge_selection_samples is not None:
+            argv += ["--max_selection_samples", str(self.size.merge_selection_samples)]
         if apply:
             argv += ["--mask_apply_method", apply, "--use_weight_rescale"]
         # the story's weight_mask_rate grid is DARE's drop rates; a method whose own parameter has that name (DELLA)
@@ -509,11 +514,19 @@ class Story:
             argv.append("--normalize_fisher_weight")
         return argv
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """The ordered (source, target) pairs merged: a cycle through the tasks (each task once as the target,
+        once as the source: a third of the 12 ordered pairs of four tasks), or every ordered pair."""
+        import itertools
+
+        tasks = list(self.size.tasks)
+        if self.size.merge_pairs == "all":
+            return list(itertools.permutations(tasks, 2))
+        return [(tasks[i], tasks[(i + 1) % len(tasks)]) for i in range(len(tasks))]
+
     def merges(self, mode: str) -> list[dict]:
         """Every method (and DARE + each) through the merge script's own run object: one per mode, so the
         models, data and evaluators are loaded once; result files and names are the script's."""
-        import itertools
-
         import merge_plms_glue
         from utils.glue_merging import result_path
 
@@ -527,10 +540,7 @@ class Story:
             if mode == "all":
                 files = [result_path(results_dir, list(self.size.tasks), settings=settings)]
             else:
-                files = [
-                    result_path(results_dir, a, b, settings)
-                    for a, b in itertools.permutations(self.size.tasks, 2)
-                ]
+                files = [result_path(results_dir, a, b, settings) for a, b in self.pairs()]
             todo.append((method, apply, args, settings, files))
         self.cached[stage] = all(f.is_file() for *_, files in todo for f in files)
         try:
@@ -547,8 +557,7 @@ class Story:
                         if mode == "all":
                             results = [run.run_all(settings)]
                         else:
-                            pairs = itertools.permutations(self.size.tasks, 2)
-                            results = [run.run_pair(a, b, settings) for a, b in pairs]
+                            results = [run.run_pair(a, b, settings) for a, b in self.pairs()]
                 label = f"DARE + {apply}" if apply else method
                 for r in results:
                     out.append({"method": label, "base_method": apply or method, "dare": bool(apply),
