@@ -20,6 +20,7 @@ named by a hash of their settings: a second run only recomputes what changed.
     python quickstart.py                 # full size (under 10 minutes on 2 idle cores)
     python quickstart.py --size ci       # reduced size, about a minute (what CI runs)
     python quickstart.py --set sft_lr=3e-5   # change one family setting: only the specialists are retrained
+    python quickstart.py --suite glue    # the encoder story instead (``utils.glue_quickstart``, docs/glue.md)
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ from typing import Any
 from utils.cli import UserError, check_rate, run_main
 
 RESULTS_NAME = "results.json"
+SUITES = ("llm", "glue")  # the decoder toy (this module) and the encoder story (utils.glue_quickstart)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="llm",
+        help="llm: this toy of decoders (default); glue: the offline GLUE story of encoders, whose own flags "
+        "follow (python quickstart.py --suite glue --help)",
+    )
     p.add_argument(
         "--output_dir", default="./quickstart_runs", help="models, cache, tables and plots go here"
     )
@@ -675,8 +684,23 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def split_suite(argv: list[str]) -> tuple[str, list[str]]:
+    """``--suite`` and the other arguments (``--suite glue`` hands them all to ``utils.glue_quickstart``)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite", choices=SUITES, default="llm")
+    known, rest = pre.parse_known_args(argv)
+    return known.suite, rest
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    import sys
+
+    suite, rest = split_suite(list(sys.argv[1:] if argv is None else argv))
+    if suite == "glue":
+        from utils import glue_quickstart
+
+        return glue_quickstart.main(rest)
+    args = build_parser().parse_args(rest)
     for r in args.drop_rates:
         check_rate("--drop_rates", r)
     for name in ("ablation_rate", "param_value_mask_rate"):

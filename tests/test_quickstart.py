@@ -159,6 +159,24 @@ def test_bad_arguments_exit_2(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_suite_glue_runs_the_glue_story(tmp_path, monkeypatch):
+    """``--suite glue`` hands every other argument to utils.glue_quickstart (its own flags and checks)."""
+    from utils import glue_quickstart
+
+    seen = []
+    monkeypatch.setattr(glue_quickstart, "main", lambda argv: seen.append(argv) or {"suite": "glue"})
+    assert quickstart.main(["--suite", "glue", "--size", "ci", "--threads", "1"]) == {"suite": "glue"}
+    assert seen == [["--size", "ci", "--threads", "1"]]
+    # and from the command line: the GLUE story's own error for a missing GLUE folder
+    proc = subprocess.run(
+        [sys.executable, "quickstart.py", "--suite", "glue", "--glue_data_dir", str(tmp_path / "none"),
+         "--output_dir", str(tmp_path / "q")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--glue_data_dir" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "q").exists()
+
+
 def test_weak_specialist_warning():
     family = [
         {"model": "base", "addition": 0.05, "reversal": 0.0},
