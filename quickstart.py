@@ -347,7 +347,7 @@ def weak_specialist_warnings(family: list[dict[str, Any]], skills: list[str]) ->
             lines.append(
                 f"warning: the {s} specialist learned its skill only weakly ({acc:.1%}, base {base:.1%}): this "
                 "family is outside the toy's regime and the DARE and merge numbers say little; the toy is "
-                "sensitive to the seed and to the CPU's floating-point order (README, 'The toy is fragile'): "
+                "sensitive to the seed and to the CPU's floating-point order (docs/quickstart.md, 'The toy is fragile'): "
                 "try another --seed"
             )
     return lines

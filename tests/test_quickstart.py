@@ -187,5 +187,5 @@ def test_weak_specialist_warning():
     assert lines == [
         "warning: the addition specialist learned its skill only weakly (10.0%, base 5.0%): this family is outside "
         "the toy's regime and the DARE and merge numbers say little; the toy is sensitive to the seed and to the "
-        "CPU's floating-point order (README, 'The toy is fragile'): try another --seed"
+        "CPU's floating-point order (docs/quickstart.md, 'The toy is fragile'): try another --seed"
     ]
