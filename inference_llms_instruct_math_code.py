@@ -51,6 +51,8 @@ from utils.llm_evaluation import (
 )
 from utils.llm_registry import DELTA_RELEASED, FINETUNED_HUB_IDS, backbone_of, hub_id, pad_token_for
 from utils.math_code_data import DATASET_NAMES
+from utils.method_cli import add_dare_arguments
+from utils.run_names import dare_name
 
 logger = logging.getLogger("inference_llms")
 
@@ -74,18 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="backbone for DARE / delta recovery (default: the registry's backbone of the model)",
     )
     p.add_argument("--dataset_name", default="alpaca_eval", choices=DATASET_NAMES)
-    p.add_argument("--weight_format", default="delta_weight", choices=("finetuned_weight", "delta_weight"))
-    p.add_argument(
-        "--weight_mask_rate", type=float, default=0.0, help="DARE drop rate p (0 = plain inference)"
-    )
-    p.add_argument("--use_weight_rescale", action="store_true", help="rescale kept entries by 1/(1-p)")
-    p.add_argument("--mask_strategy", default="random", choices=("random", "magnitude"))
+    add_dare_arguments(p, rate="single")
     p.add_argument(
         "--wizardcoder_use_llama2_as_backbone",
         action="store_true",
         help="ablation: WizardCoder-Python-7B/13B deltas against Llama-2 instead of CodeLlama-Python",
     )
-    p.add_argument("--seed", type=int, default=0, help="DARE seed (0 as in the original)")
     p.add_argument(
         "--device",
         default="cpu",
@@ -128,20 +124,12 @@ def display_name(name_or_path: str) -> str:
 
 
 def make_save_name(model: str, args: argparse.Namespace) -> str:
-    """The original's save name (§2.4 step 1), plus ``_seed_{s}`` for a non-zero seed."""
-    rate = args.weight_mask_rate
-    if rate == 0.0:
-        return f"{model}_inference_mask_{rate}"
-    name = f"{model}_inference_mask_{rate}_rescale_{args.use_weight_rescale}"
-    if args.mask_strategy == "magnitude":
-        name += "_strategy_magnitude"
-    if args.weight_format == "finetuned_weight":
-        name += "_weight_format_finetuned_weight"
-    if args.wizardcoder_use_llama2_as_backbone:
-        name += "_llama_2_as_backbone"
-    if args.seed != 0:
-        name += f"_seed_{args.seed}"
-    return name
+    """The original's save name (§2.4 step 1), plus ``_seed_{s}`` for a non-default seed
+    (:func:`utils.run_names.dare_name`)."""
+    return dare_name(
+        model, args.weight_mask_rate, args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed,
+        llama2_backbone=args.wizardcoder_use_llama2_as_backbone,
+    )  # fmt: skip
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -351,10 +339,10 @@ def main(argv=None) -> dict:
         generator = model_path if dare else model_label
         settings = run_settings(
             args, script="inference_llms_instruct_math_code.py", model=model_label,
-            kind="dare" if args.weight_mask_rate > 0 else "model",
+            kind="dare" if args.weight_mask_rate > 0 else "model",  # rate 0: the p = 0 point of a DARE sweep
             dare=dare_settings(
                 args.weight_mask_rate, args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed
-            ) if args.weight_mask_rate > 0 else None,
+            ),
             backbone=backbone,
         )  # fmt: skip
         results = evaluate_model(

@@ -48,11 +48,11 @@ from utils.glue_paths import (
     save_model_name,
     write_output,
 )
+from utils.method_cli import add_dare_arguments
 from utils.results_io import round_floats, write_json, write_table
+from utils.run_names import dare_name, glue_eval_suffix, glue_summary_name
 
 logger = logging.getLogger("inference_plms_glue")
-
-DEFAULT_SEED = 42  # the original's masks were implicitly seeded 42 (HF Trainer's set_seed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,14 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--gpu", type=int, default=0, help="accepted for compatibility; the Trainer picks the device"
     )
-    p.add_argument("--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"])
-    p.add_argument("--weight_mask_rate", type=float, default=0.0, help="drop rate p in [0, 1] (default 0)")
-    p.add_argument("--use_weight_rescale", action="store_true", help="rescale kept weights by 1/(1-p)")
-    p.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+    add_dare_arguments(p, rate="single", seed_also="the evaluation Trainer's seed")
     p.add_argument(
         "--dataset_names", nargs="+", default=list(TASK_NAMES), help="tasks to evaluate (default: all 8)"
     )
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the DARE masks")
     p.add_argument("--glue_data_dir", default=None, help="local GLUE folder (TSV layout); default: the hub")
     p.add_argument("--max_eval_samples", type=int, default=None, help="keep the first N test rows")
     p.add_argument(
@@ -90,37 +86,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _model_label(args: argparse.Namespace, task: str) -> str:
+    """The fine-tuned model's short name (its folder's, or the template's)."""
+    if args.finetuned_model_template is not None:
+        return model_short_name(args.finetuned_model_template.format(task=task))
+    return model_short_name(args.language_model_name)
+
+
 def variant_suffix(args: argparse.Namespace) -> str:
-    """The original's name after ``{lm}_lr{lr}`` (§2.2 step 4), plus ``_seed{s}`` / ``_maxeval{n}`` when those
-    differ from a full run with the default seed."""
-    suffix = f"_inference_mask_{args.weight_mask_rate}"
-    if args.weight_mask_rate != 0.0:
-        suffix += f"_rescale_{args.use_weight_rescale}"
-        if args.mask_strategy == "magnitude":
-            suffix += "_strategy_magnitude"
-        if args.weight_format == "finetuned_weight":
-            suffix += "_weight_format_finetuned_weight"
-        if args.seed != DEFAULT_SEED and args.mask_strategy == "random":
-            suffix += f"_seed{args.seed}"
-    if args.max_eval_samples is not None:
-        suffix += f"_maxeval{args.max_eval_samples}"
-    if args.max_seq_length != MAX_SEQ_LENGTH:
-        suffix += f"_len{args.max_seq_length}"
-    return suffix
+    """The original's name after ``{lm}_lr{lr}`` (§2.2 step 4), plus ``_seed{s}`` / ``_maxeval{n}`` / ``_len{n}``
+    when those differ from a full run with the default seed (:mod:`utils.run_names`)."""
+    name = dare_name(
+        "", args.weight_mask_rate, args.use_weight_rescale, args.mask_strategy, args.weight_format, args.seed,
+        glue=True,
+    )  # fmt: skip
+    return name + glue_eval_suffix(args.max_eval_samples, args.max_seq_length, MAX_SEQ_LENGTH)
 
 
 def result_name(args: argparse.Namespace, task: str) -> str:
     if args.finetuned_model_template is not None:
-        return model_short_name(args.finetuned_model_template.format(task=task)) + variant_suffix(args)
+        return _model_label(args, task) + variant_suffix(args)
     lr = chosen_learning_rate(task, args.language_model_name, args.learning_rate)
     return save_model_name(args.language_model_name, lr) + variant_suffix(args)
 
 
 def summary_name(args: argparse.Namespace) -> str:
     """The summary spans tasks (whose learning rates may differ): the lr appears only when given explicitly."""
-    lm = model_short_name(args.language_model_name)
-    lr = "" if args.learning_rate is None else f"_lr{float(args.learning_rate)}"
-    return f"{lm}{lr}{variant_suffix(args)}"
+    return glue_summary_name(
+        model_short_name(args.language_model_name), args.learning_rate, variant_suffix(args)
+    )
+
+
+def result_settings(args: argparse.Namespace, task: str) -> dict:
+    """The ``settings`` object of one task's result (:func:`utils.run_settings.run_settings`)."""
+    from utils.run_settings import dare_settings, run_settings
+
+    return run_settings(
+        args, script="inference_plms_glue.py", kind="dare" if args.weight_mask_rate > 0 else "model",
+        model=_model_label(args, task), task=task,
+        dare=dare_settings(args.weight_mask_rate, args.use_weight_rescale, args.mask_strategy, args.weight_format,
+                           args.seed),
+    )  # fmt: skip
 
 
 def _masked_parameters(
@@ -212,6 +218,7 @@ def main(argv=None) -> list[dict]:
             metrics = round_floats(evaluator.evaluate(datasets[task], task))
         finally:
             evaluator.close()
+        metrics["settings"] = result_settings(args, task)  # after rounding: flags keep their exact values
         result_path = result_paths[task]
         write_output(result_path, lambda p, m=metrics: write_json(p, m))
         key = score_key(task, args.metric)

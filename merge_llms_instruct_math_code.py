@@ -29,7 +29,7 @@ from typing import Any
 
 from utils.cli import UserError, run_main, setup_logging
 from utils.method_cli import add_dare_arguments, add_method_arguments, method_settings
-from utils.run_names import method_run_name
+from utils.run_names import llm_merge_name
 from utils.run_settings import dare_settings, run_settings
 
 TASKS = ("instruct", "math", "code")
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     method = p.add_argument_group("merging method (every streamable method of the registry)")
     add_method_arguments(method, streamable_only=True)
-    add_dare_arguments(method, rate_default=0.1)
+    add_dare_arguments(
+        method, rate="per_model", seed_also="the random draws of DELLA and other random methods"
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -151,28 +153,19 @@ def _safe(name: str) -> str:
 
 
 def save_model_name(args: argparse.Namespace, rates: list[float]) -> str:
-    """The merged model's folder name: the original's name plus every setting it left out (strategy, weight format,
-    seed, trim scope, dtype, vocabulary policy, overridden backbone), so variants never overwrite each other."""
-    if args.merging_method_name == "mask_merging":
-        name = (
-            f"mask_merging/{method_run_name(args.mask_apply_method, method_settings(args, args.mask_apply_method))}"
-            f"/mask_{'_'.join(str(r) for r in rates)}"
-            f"_rescale_{args.use_weight_rescale}_strategy_{args.mask_strategy}_weight_format_{args.weight_format}"
-            f"_seed_{args.seed}"
-        )
-    else:
-        name = method_run_name(args.merging_method_name, method_settings(args, args.merging_method_name))
-    if args.dtype != "auto":
-        name += f"_dtype_{args.dtype}"
-    if args.vocab_policy != "auto":
-        name += f"_vocab_{args.vocab_policy}"
-    if getattr(args, "pad_to_multiple_of", None):
-        name += f"_pad{args.pad_to_multiple_of}"
-    if getattr(args, "output_format", "model") == "lora":
-        name += f"_lora_r{args.lora_rank}"
-    if args.pretrained_model_name is not None:
-        name += f"_base_{_safe(args.pretrained_model_name)}"
-    return name
+    """The merged model's folder name (:func:`utils.run_names.llm_merge_name`): the original's name plus every
+    setting it left out (strategy, weight format, seed, dtype, vocabulary policy, overridden backbone), so variants
+    never overwrite each other."""
+    dare = args.merging_method_name == "mask_merging"
+    method = args.mask_apply_method if dare else args.merging_method_name
+    return llm_merge_name(
+        args.merging_method_name, method_settings(args, method), mask_apply_method=args.mask_apply_method if dare else None,
+        weight_mask_rates=rates, use_weight_rescale=args.use_weight_rescale, mask_strategy=args.mask_strategy,
+        weight_format=args.weight_format, seed=args.seed, dtype=args.dtype, vocab_policy=args.vocab_policy,
+        pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None),
+        lora=getattr(args, "output_format", "model") == "lora", lora_rank=args.lora_rank,
+        base=None if args.pretrained_model_name is None else _safe(args.pretrained_model_name),
+    )  # fmt: skip
 
 
 def select_models(args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:

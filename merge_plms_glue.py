@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -59,6 +60,7 @@ from utils.glue_merging import (
     check_num_models,
     common_suffix,
     grid_points,
+    group_folder,
     kept_parameters,
     load_parameters_,
     mean_or_none,
@@ -85,6 +87,7 @@ from utils.glue_paths import (
     write_output,
 )
 from utils.merge_statistics import FISHER_VARIANTS
+from utils.method_cli import add_dare_arguments
 from utils.results_io import read_json, round_floats, write_json, write_table
 
 logger = logging.getLogger("merge_plms_glue")
@@ -93,7 +96,6 @@ GRID_HELP = {
     "scaling_coefficient": "λ of task arithmetic and TIES",
     "fisher_scaling_coefficients": "the same value for every model",
     "param_value_mask_rate": "TIES trim rate",
-    "weight_mask_rate": "DARE drop rates",
 }
 
 
@@ -118,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     declared = shared_params()
     for key, default in DEFAULT_GRIDS.items():
+        if key == "weight_mask_rate":  # a DARE flag: declared with the others (add_dare_arguments)
+            continue
         p.add_argument(
             f"--{key}",
             type=int if key in INTEGER_GRID_KEYS else float,
@@ -156,9 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="leave padded positions out of the RegMean Gram matrices",
     )
     p.add_argument("--ties_trim_scope", default="global", choices=["global", "tensor"])
-    p.add_argument("--weight_format", default="delta_weight", choices=["finetuned_weight", "delta_weight"])
-    p.add_argument("--use_weight_rescale", action="store_true")
-    p.add_argument("--mask_strategy", default="random", choices=["random", "magnitude"])
+    add_dare_arguments(
+        p, rate="grid", grid_default=DEFAULT_GRIDS["weight_mask_rate"],
+        seed_also="the data order of the Fisher / RegMean statistics and the draws of random methods",
+    )  # fmt: skip
     p.add_argument("--batch_size", type=int, default=16, help="statistics and evaluation batch size")
     p.add_argument(
         "--gpu", type=int, default=0, help="accepted for compatibility; the Trainer picks the device"
@@ -173,7 +178,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=SCORE_METRICS,
         help="score: each task's GLUE main metric, or accuracy on every task (FusionBench)",
     )
-    p.add_argument("--seed", type=int, default=0, help="DARE masks and the data order of the statistics")
     p.add_argument("--glue_data_dir", default=None, help="local GLUE folder (TSV layout); default: the hub")
     p.add_argument("--max_train_samples", type=int, default=None, help="first N training rows (statistics)")
     p.add_argument("--max_eval_samples", type=int, default=None, help="first N validation and test rows")
@@ -266,6 +270,56 @@ def planned_outputs(args: argparse.Namespace, settings: MergeSettings, tasks: li
         summary = summary_path(args.results_dir, settings)
         outputs += [("--results_dir", f"{summary}{ext}", False) for ext in (".csv", ".md")]
     return outputs
+
+
+def result_flags(args: argparse.Namespace, settings: MergeSettings, merge_mode: str) -> dict:
+    """Every flag of a result as it was run: the command line's, with the values of ``settings`` (a run object
+    runs several settings, e.g. DARE + X's plain X, or every method of the offline story)."""
+    flags = dict(vars(args))
+    for f in dataclasses.fields(settings):
+        if f.name not in ("grids", "method_options"):
+            flags[f.name] = getattr(settings, f.name)
+    for key in DEFAULT_GRIDS:
+        flags[key] = settings.grids.get(key)
+    flags.update(settings.method_options)
+    flags["merge_mode"] = merge_mode
+    return flags
+
+
+def result_settings(
+    args: argparse.Namespace,
+    settings: MergeSettings,
+    tasks: list[str],
+    hyperparameters: dict,
+    merge_mode: str,
+) -> dict:
+    """The ``settings`` object of one merge result (:func:`utils.run_settings.run_settings`): the method and the
+    hyper-parameters the search selected (with the method's fixed options), the DARE settings of DARE + X (the
+    selected rate), every flag."""
+    from utils.run_settings import dare_settings, run_settings
+
+    hp = dict(hyperparameters)
+    rate = hp.pop("weight_mask_rate", None) if settings.is_dare else None
+    params = {
+        kw: getattr(settings, attr) for kw, attr in METHOD_OPTIONS.get(settings.base_method, {}).items()
+    }
+    params.update(
+        {
+            k: settings.method_options[k]
+            for k in METHOD_OPTION_KEYS.get(settings.base_method, ())
+            if k in settings.method_options
+        }
+    )
+    params.update(hp)
+    model = "+".join(tasks) if merge_mode == "pairs" else group_folder(tasks, "all")
+    dare = None
+    if settings.is_dare:
+        dare = dare_settings(rate, settings.use_weight_rescale, settings.mask_strategy, settings.weight_format,
+                             settings.seed)  # fmt: skip
+    return run_settings(
+        result_flags(args, settings, merge_mode), script="merge_plms_glue.py", kind="merge", model=model,
+        merge={"method": settings.base_method, "params": params, "models": list(tasks)}, dare=dare,
+    )  # fmt: skip
 
 
 class GlueMergeRun:
@@ -419,6 +473,10 @@ class GlueMergeRun:
             "search": found["search"],
         }
         result = round_floats(result)
+        # after rounding (flags keep their exact values); a cached result is found by its path, never compared whole
+        result["settings"] = result_settings(
+            self.args, settings, [source, target], found["hyperparameters"], "pairs"
+        )
         write_output(path, lambda p: write_json(p, result))
         key = score_key(target, settings.metric)
         logger.info("%s -> %s %s: best %s, test %s = %s -> %s", source, target, settings.merging_method_name,
@@ -439,6 +497,8 @@ class GlueMergeRun:
                 and "test_scores" in data
             ):
                 return data
+        from utils.run_settings import run_settings
+
         metrics, scores = {}, {}
         for task in self.tasks:
             evaluator = GlueEvaluator(
@@ -457,6 +517,10 @@ class GlueMergeRun:
             "mean": mean_or_none(list(scores.values())), "test_metrics": metrics,
         }  # fmt: skip
         data = round_floats(data)
+        data["settings"] = run_settings(
+            result_flags(self.args, settings, "all"), script="merge_plms_glue.py", kind="model",
+            model="fine-tuned (individual)",
+        )  # fmt: skip
         write_output(path, lambda p: write_json(p, data))
         return data
 
@@ -517,6 +581,7 @@ class GlueMergeRun:
             "search": found["search"],
         }
         result = round_floats(result)
+        result["settings"] = result_settings(self.args, settings, tasks, found["hyperparameters"], "all")
         write_output(path, lambda p: write_json(p, result))
         logger.info("all tasks %s: best %s, test mean %s (normalised %s) -> %s", method_label(settings),
                     found["hyperparameters"], result["mean"], result["normalized_mean"], path)  # fmt: skip

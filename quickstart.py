@@ -403,6 +403,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         merge_table,
         retention_table,
     )
+    from utils.run_settings import run_settings
     from utils.toy_family import FAMILY_VERSION, build_family, family_config
 
     t_start = time.time()
@@ -641,7 +642,10 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "family_version": FAMILY_VERSION,
         "size": args.size,
         "config": cfg.to_dict(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir",)},
+        # every flag, the versions and the git commit (utils.run_settings); each record holds its own settings
+        "settings": run_settings(
+            args, script="quickstart.py", kind="quickstart", size=args.size, family_version=FAMILY_VERSION
+        ),
         "models": {k: str(v) for k, v in paths.items()},
         "training": family.info,
         "delta_statistics": {s: rep.to_dict() | {"per_tensor": None} for s, rep in reports.items()},
@@ -656,7 +660,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
-    write_json(out / RESULTS_NAME, round_floats(result, 6))
+    write_json(out / RESULTS_NAME, {**round_floats(result, 6), "settings": result["settings"]})  # exact flags
 
     # print
     print()

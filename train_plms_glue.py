@@ -45,6 +45,7 @@ from utils.glue_paths import (
     load_tokenizer,
     local_inputs,
     missing_dirs,
+    model_short_name,
     save_model_name,
     write_output,
 )
@@ -144,6 +145,18 @@ def _is_trained(model_dir: Path, multitask: bool = False) -> bool:
     return (model_dir / "trainer_state.json").is_file() and weights
 
 
+def train_settings(args: argparse.Namespace, run: int, seed: int, tasks: list[str]) -> dict:
+    """The ``settings`` object of run ``run`` (:func:`utils.run_settings.run_settings`): every flag, the run and
+    its training seed (``--seed`` + run), the model as reports name it."""
+    from utils.run_settings import run_settings
+
+    model = f"{model_short_name(args.language_model_name)} {'multi-task ' if args.multitask_training else ''}fine-tuned"
+    return run_settings(
+        args, script="train_plms_glue.py", kind="train", model=model + (f"_run{run}" if run else ""), run=run,
+        training_seed=seed, tasks=tasks,
+    )  # fmt: skip
+
+
 def train_one_run(args: argparse.Namespace, tokenizer, run: int) -> dict:
     seed = args.seed + run
     name, model_dir, result_path = _run_paths(args, run)
@@ -228,6 +241,8 @@ def train_one_run(args: argparse.Namespace, tokenizer, run: int) -> dict:
     if args.multitask_training:
         metrics = flatten_multitask_results(metrics)
     metrics = round_floats(metrics)
+    # after rounding: the flags keep their exact values
+    metrics["settings"] = train_settings(args, run, seed, tasks)
     if trainer.is_world_process_zero():
         write_output(result_path, lambda p: write_json(p, metrics))
         logger.info("run %d test metrics %s -> %s", run, metrics, result_path)

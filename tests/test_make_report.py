@@ -107,6 +107,13 @@ def test_name_parsers():
         3,
     )
     assert parse_dare_name("WizardMath-7B-V1.0_inference_mask_0.0")["variant"] == "fine-tuned"
+    # the GLUE spelling of a seed (_seed7) is read as well as the LLM one (_seed_7)
+    assert (
+        parse_dare_name("roberta-base_lr1e-05_inference_mask_0.9_rescale_True_seed7_maxeval32")["seed"] == 7
+    )
+    assert (
+        parse_dare_name("roberta-base_lr1e-05_inference_mask_0.9_rescale_True", default_seed=42)["seed"] == 42
+    )
     assert parse_dare_name("average_merging") is None
     assert merge_label(["average_merging"]) == "average"
     assert merge_label(["x", "task_arithmetic_scaling_coefficient_0.5"]) == "task arithmetic (λ=0.5)"
@@ -136,7 +143,7 @@ def test_records_from_each_format(results_tree):
         "value": 0.55,
         "drop_rate": 0.9,
         "variant": "DARE",
-        "seed": 0,
+        "seed": 42,  # a GLUE file without settings or a seed in its name: the original's implicit seed 42
         "source": None,
     }
     recs, _ = records_from_file(

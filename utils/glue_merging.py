@@ -25,7 +25,6 @@ original protocol (select and report on GLUE dev).
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import logging
@@ -50,6 +49,7 @@ from utils.merge_statistics import (
     collect_regmean_grams_at,
     transposed_weight_names,
 )
+from utils.run_names import glue_common_suffix, glue_group_folder, glue_merge_suffix, glue_method_folder
 
 logger = logging.getLogger(__name__)
 
@@ -249,90 +249,18 @@ def normalized_scores(scores: dict[str, float], finetuned: dict[str, float]) -> 
 
 
 # ----------------------------------------------------------------------------------------------- naming
-def _grid_tag(settings: MergeSettings, keys: Sequence[str]) -> str | None:
-    given = [k for k in keys if k in settings.grids]
-    grid = {k: settings.grid(k) for k in given}
-    if not given or all(grid[k] == _default_grid(settings, k) for k in given):
-        return None
-    return "grid" + hashlib.sha1(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _default_grid(settings: MergeSettings, key: str) -> list:
+# the names themselves are encoded in utils.run_names (the one module that encodes settings into names)
+def default_grid(settings: MergeSettings, key: str) -> list:
+    """The grid ``key`` is searched over when the user gives none (a grid equal to it adds nothing to a name)."""
     if key == "weight_mask_rate" and settings.is_dare:
         return list(DEFAULT_GRIDS["weight_mask_rate"])
     return method_grid(settings.base_method, key)
 
 
-def common_suffix(settings: MergeSettings) -> str:
-    """Name parts shared by every method of one protocol: evaluation sample limit, metric, sequence length and
-    the fine-tuned models' template (what the fine-tuned reference scores depend on)."""
-    parts: list[str] = []
-    if settings.max_eval_samples is not None:
-        parts.append(f"maxeval{settings.max_eval_samples}")
-    if settings.metric != "main":
-        parts.append(f"metric_{settings.metric}")
-    if settings.max_seq_length != MAX_SEQ_LENGTH:
-        parts.append(f"len{settings.max_seq_length}")
-    if settings.finetuned_model_template is not None:
-        parts.append("ft" + hashlib.sha1(settings.finetuned_model_template.encode()).hexdigest()[:8])
-    return "".join(f"_{p}" for p in parts)
-
-
-def settings_suffix(settings: MergeSettings) -> str:
-    """Name parts for every setting that differs from the original's defaults (so that no two settings
-    share a result file): selection split, seed, sample limits, estimator variants, grids, DARE options."""
-    base = settings.base_method
-    uses_data = base in DATA_METHODS
-    parts: list[str] = []
-    if settings.selection_split == "test":
-        parts.append("select_test")
-    if settings.seed != 0 and (uses_data or settings.is_dare or base in RANDOM_METHODS):
-        parts.append(f"seed{settings.seed}")
-    if uses_data and settings.batch_size != 16:
-        parts.append(f"bs{settings.batch_size}")
-    if uses_data and settings.max_train_samples is not None:
-        parts.append(f"maxtrain{settings.max_train_samples}")
-    if settings.max_eval_samples is not None:
-        parts.append(f"maxeval{settings.max_eval_samples}")
-    if settings.max_selection_samples is not None:
-        parts.append(f"maxsel{settings.max_selection_samples}")
-    if base == "fisher_merging":
-        if settings.fisher_variant != "faithful":
-            parts.append(f"fisher_{settings.fisher_variant}")
-        if settings.normalize_fisher_weight:
-            parts.append("normalized")
-        if settings.minimal_fisher_weight != 1e-6:
-            parts.append(f"minfw{settings.minimal_fisher_weight}")
-    if base == "regmean_merging" and settings.regmean_exclude_padding:
-        parts.append("regmean_exclude_padding")
-    if base == "ties_merging" and settings.ties_trim_scope != "global":
-        parts.append(f"trim_{settings.ties_trim_scope}")
-    for key in METHOD_OPTION_KEYS.get(base, ()):
-        if key in settings.method_options:
-            parts.append(f"{key}{settings.method_options[key]}")
-    tag = _grid_tag(settings, METHOD_GRID_KEYS[base])
-    if tag:
-        parts.append(tag)
-    if settings.is_dare:
-        parts.append(f"rescale_{settings.use_weight_rescale}")
-        if settings.mask_strategy != "random":
-            parts.append(f"strategy_{settings.mask_strategy}")
-        if settings.weight_format != "delta_weight":
-            parts.append(f"weight_format_{settings.weight_format}")
-        tag = _grid_tag(settings, ("weight_mask_rate",))
-        if tag:
-            parts.append("dare" + tag)
-    if settings.metric != "main":
-        parts.append(f"metric_{settings.metric}")
-    if settings.max_seq_length != MAX_SEQ_LENGTH:
-        parts.append(f"len{settings.max_seq_length}")
-    if settings.finetuned_model_template is not None:
-        parts.append("ft" + hashlib.sha1(settings.finetuned_model_template.encode()).hexdigest()[:8])
-    return "".join(f"_{p}" for p in parts)
-
-
-def method_folder(settings: MergeSettings) -> str:
-    return f"mask_merging/{settings.mask_apply_method}" if settings.is_dare else settings.merging_method_name
+common_suffix = glue_common_suffix
+settings_suffix = glue_merge_suffix
+method_folder = glue_method_folder
+group_folder = glue_group_folder
 
 
 def method_label(settings_or_result) -> str:
@@ -353,11 +281,6 @@ def method_label(settings_or_result) -> str:
     if get("weight_format", "delta_weight") == "finetuned_weight":
         variant += " (fine-tuned weights)"
     return f"{variant} + {get('mask_apply_method')}"
-
-
-def group_folder(tasks: Sequence[str], merge_mode: str) -> str:
-    """``{src}_{tgt}`` for a pair, ``all_{t1}_..._{tn}`` for an N-task merge."""
-    return ("all_" if merge_mode == "all" else "") + "_".join(tasks)
 
 
 def result_path(

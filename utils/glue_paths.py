@@ -50,9 +50,11 @@ def model_short_name(language_model_name: str) -> str:
 
 
 def save_model_name(language_model_name: str, learning_rate: float, run: int = 0) -> str:
-    """``{lm}_lr{lr}`` for run 0, ``{lm}_lr{lr}_run{run}`` after (floats as ``str(float)``: ``1e-05``)."""
-    name = f"{model_short_name(language_model_name)}_lr{float(learning_rate)}"
-    return name if run == 0 else f"{name}_run{run}"
+    """``{lm}_lr{lr}`` for run 0, ``{lm}_lr{lr}_run{run}`` after (floats as ``str(float)``: ``1e-05``;
+    :func:`utils.run_names.glue_model_name`)."""
+    from utils.run_names import glue_model_name
+
+    return glue_model_name(model_short_name(language_model_name), learning_rate, run)
 
 
 def chosen_learning_rate(task: str, language_model_name: str, learning_rate: float | None = None) -> float:

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import UserError, run_main, setup_logging
+from utils.run_names import glue_story_folder
+from utils.run_settings import run_settings
 
 logger = logging.getLogger("glue_quickstart")
 
@@ -336,7 +338,7 @@ class Story:
         self.out = Path(args.output_dir)
         data = str(Path(args.glue_data_dir).resolve())
         key = _hash({"size": dataclasses.asdict(self.size), "seed": args.seed, "data": data})
-        self.run = self.out / "runs" / f"{args.size}_seed{args.seed}_{key}"
+        self.run = self.out / "runs" / glue_story_folder(args.size, args.seed, key)
         # the derived GLUE folder depends on the source only; the pre-trained encoder on its own settings only, so
         # changing a fine-tuning or merging setting does not pre-train again
         self.glue = self.out / "glue_data" / _hash({"data": data, "resplit": self.size.mnli_train_fraction})
@@ -344,7 +346,7 @@ class Story:
         self.base = (
             self.out
             / "pretrained"
-            / f"{args.size}_seed{args.seed}_{_hash([pretraining, data])}"
+            / glue_story_folder(args.size, args.seed, _hash([pretraining, data]))
             / "tiny-bert"
         )
         self.models = self.run / "models"
@@ -592,6 +594,8 @@ class Story:
             schema=SCHEMA, size=self.args.size, seed=self.args.seed, run_folder=str(self.run), pretraining=pretraining,
             timings={**self.timings, "total": total}, cached=self.cached, threads=_threads(),
             load_average=_load(), python=sys.version.split()[0],
+            settings=run_settings(self.args, script="utils/glue_quickstart.py", kind="quickstart",
+                                  size=self.args.size, story=dataclasses.asdict(self.size)),
         )  # fmt: skip
         write_outputs(self.out, summary, plots=not self.args.no_plots,
                       all_tasks_png=_all_tasks_png(self.run, self.size))  # fmt: skip

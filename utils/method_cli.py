@@ -82,31 +82,75 @@ def _add_param(group, flags: list[str], param: Param, grid: bool, users: str) ->
         )  # fmt: skip
 
 
+# The DARE flags' one set of defaults (every script declares them through :func:`add_dare_arguments`).
+DARE_SEED_DEFAULT = 0
+DARE_RATE_DEFAULTS = {"single": 0.0, "per_model": 0.1, "grid": None}
+DARE_DEFAULTS = {"use_weight_rescale": False, "mask_strategy": "random", "weight_format": "delta_weight",
+                 "seed": DARE_SEED_DEFAULT}  # fmt: skip
+_SEED_HELP = (
+    "seed of the random DARE masks (default 0 in every script: the original seeded its GLUE merges and LLM scripts "
+    "with 0; its GLUE inference masks came from the HF Trainer's implicit seed 42, which this toolkit's counter-based "
+    "masks cannot reproduce anyway; pass --seed 42 to use that number)"
+)
+
+
 def add_dare_arguments(
     group: argparse._ActionsContainer,
     *,
-    grid: bool = False,
-    rate_default: float | None = None,
-    seed_default: int = 0,
+    rate: str = "per_model",
+    grid_default: Sequence[float] | None = None,
+    seed_also: str | None = None,
 ) -> None:
-    """The DARE pre-step flags, declared once: ``--weight_mask_rate`` (one per model, or a GLUE grid),
-    ``--use_weight_rescale``, ``--mask_strategy``, ``--weight_format``, ``--seed``."""
-    if grid:
+    """The DARE flags, declared once for every script: ``--weight_mask_rate``, ``--use_weight_rescale``,
+    ``--mask_strategy``, ``--weight_format`` and ``--seed`` (the mask seed), with one set of defaults
+    (:data:`DARE_DEFAULTS`).
+
+    ``rate`` says what ``--weight_mask_rate`` is in the script:
+
+    * ``"single"`` (the inference scripts): one rate, default 0 = the model as it is, no DARE (the original's 0.1
+      silently masked);
+    * ``"per_model"`` (the LLM merge, where DARE is asked for by ``mask_merging`` or DELLA): one rate for every
+      model or one per model, default 0.1 (the original's);
+    * ``"grid"`` (the GLUE merge): the rates DARE + X searches (default ``grid_default``, the spec's grid).
+
+    ``seed_also``: what else the script seeds with ``--seed`` (added to its help)."""
+    if rate == "grid":
+        grid = " ".join(map(str, grid_default or ()))
         group.add_argument(
-            "--weight_mask_rate", type=float, nargs="+", default=None,
-            help="DARE drop rates p searched on GLUE (default: 0.1 0.3 0.5 0.7 0.9)",
+            "--weight_mask_rate", type=float, nargs="+", default=DARE_RATE_DEFAULTS["grid"],
+            help=f"DARE drop rates p searched by mask_merging (default: {grid})",
+        )  # fmt: skip
+    elif rate == "per_model":
+        group.add_argument(
+            "--weight_mask_rate", type=float, nargs="+", default=[DARE_RATE_DEFAULTS["per_model"]],
+            help="DARE drop rate p: one value for every model, or one per model (also DELLA's p; default 0.1, the "
+            "original's)",
+        )  # fmt: skip
+    elif rate == "single":
+        group.add_argument(
+            "--weight_mask_rate", type=float, default=DARE_RATE_DEFAULTS["single"],
+            help="DARE drop rate p in [0, 1] (default 0: the model as it is; the original's default 0.1 silently "
+            "masked)",
         )  # fmt: skip
     else:
-        group.add_argument(
-            "--weight_mask_rate", type=float, nargs="+", default=[rate_default if rate_default is not None else 0.1],
-            help="DARE drop rate p: one value for every model, or one per model (also DELLA's p)",
-        )  # fmt: skip
-    group.add_argument("--use_weight_rescale", action="store_true", help="rescale survivors by 1/(1-p)")
-    group.add_argument("--mask_strategy", default="random", choices=list(MASK_STRATEGIES))
-    group.add_argument("--weight_format", default="delta_weight", choices=list(WEIGHT_FORMATS))
+        raise ValueError(f"rate must be one of {', '.join(DARE_RATE_DEFAULTS)}, not {rate!r}")
     group.add_argument(
-        "--seed", type=int, default=seed_default, help="seed of the random masks (DARE, DELLA)"
+        "--use_weight_rescale",
+        action="store_true",
+        help="rescale the kept entries by 1/(1-p) (DARE; without it: DropOnly)",
     )
+    group.add_argument(
+        "--mask_strategy", default=DARE_DEFAULTS["mask_strategy"], choices=list(MASK_STRATEGIES),
+        help="random: DARE's random drop; magnitude: magnitude pruning (the ablation)",
+    )  # fmt: skip
+    group.add_argument(
+        "--weight_format", default=DARE_DEFAULTS["weight_format"], choices=list(WEIGHT_FORMATS),
+        help="delta_weight: mask the delta against the backbone (DARE); finetuned_weight: mask the weights",
+    )  # fmt: skip
+    group.add_argument(
+        "--seed", type=int, default=DARE_DEFAULTS["seed"],
+        help=_SEED_HELP + (f"; also {seed_also}" if seed_also else ""),
+    )  # fmt: skip
 
 
 def method_settings(args: argparse.Namespace, method_name: str) -> dict[str, Any]:

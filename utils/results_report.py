@@ -12,9 +12,11 @@ A *record* is one number with its context (a flat dict):
 
 Readers (:func:`records_from_file`) understand
 * the quickstart's ``results.json`` (``"schema": "dare-toolkit/quickstart-results/v1"``, records inside);
-* GLUE results written by ``inference_plms_glue.py`` (``{task}/{save_name}/{save_name}.json``, HF ``eval_*``
-  keys, settings in the original save name ``{lm}_lr{lr}_inference_mask_{p}[_rescale_{b}][_strategy_magnitude]
-  [_weight_format_finetuned_weight]``) and by ``merge_plms_glue.py`` (``{src}_{tgt}/{method}[/{apply}]/{lm}.json``);
+* GLUE results written by ``train_plms_glue.py`` and ``inference_plms_glue.py``
+  (``{task}/{save_name}/{save_name}.json``, HF ``eval_*`` keys, settings in the original save name
+  ``{lm}_lr{lr}_inference_mask_{p}[_rescale_{b}][_strategy_magnitude][_weight_format_finetuned_weight][_seed{s}]``)
+  and by ``merge_plms_glue.py`` (``{src}_{tgt}/{method}[/{apply}]/{lm}.json``; ``--merge_mode all``:
+  ``all_{tasks}/...`` with ``test_scores`` per task, and the fine-tuned models' ``all_{tasks}/finetuned/``);
 * LLM results written by ``utils.llm_evaluation.evaluate_model`` (``results.json`` with ``dataset`` and
   ``save_name``; DARE save names as above; merge save names with ``average_merging``, ``task_arithmetic_...``,
   ``ties_merging_...`` or ``mask_merging/{apply}/mask_{p1}_{p2}...``).
@@ -55,6 +57,10 @@ LLM_DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 MERGE_METHODS = tuple(m.name for m in all_methods())
 METHOD_LABELS = {m.name: m.label for m in all_methods()}
 
+# the mask seed of a GLUE DARE file without a seed in its name and without settings: the original's implicit seed
+# (HF Trainer's set_seed(42)), which was also inference_plms_glue.py's default before every script's became 0
+LEGACY_GLUE_MASK_SEED = 42
+
 _DARE_NAME = re.compile(
     r"^(?P<model>.+?)_inference_mask_(?P<rate>[0-9.eE+-]+?)(?:_rescale_(?P<rescale>True|False))?(?P<rest>(?:_.*)?)$"
 )
@@ -85,8 +91,10 @@ def dare_variant(
     return name
 
 
-def parse_dare_name(name: str) -> dict[str, Any] | None:
-    """Settings encoded in the original's DARE save name, or None when ``name`` is not one."""
+def parse_dare_name(name: str, default_seed: int = 0) -> dict[str, Any] | None:
+    """Settings encoded in the original's DARE save name, or None when ``name`` is not one. The seed is spelled
+    ``_seed_7`` (LLM) or ``_seed7`` (GLUE); a name without one was made with ``default_seed`` (LLM files: 0; GLUE
+    files: 42, the original's implicit seed and this toolkit's GLUE default before every script's became 0)."""
     m = _DARE_NAME.match(name)
     if not m:
         return None
@@ -98,7 +106,7 @@ def parse_dare_name(name: str) -> dict[str, Any] | None:
     rescale = m.group("rescale") == "True"
     strategy = "magnitude" if "_strategy_magnitude" in rest else "random"
     weight_format = "finetuned_weight" if "_weight_format_finetuned_weight" in rest else "delta_weight"
-    seed_m = re.search(r"_seed_(\d+)", rest)
+    seed_m = re.search(r"_seed_?(\d+)", rest)
     model = re.sub(r"_lr[0-9.eE+-]+$", "", m.group("model"))
     if "_llama_2_as_backbone" in rest:
         model += " (vs Llama-2)"
@@ -108,7 +116,7 @@ def parse_dare_name(name: str) -> dict[str, Any] | None:
         "use_weight_rescale": rescale,
         "mask_strategy": strategy,
         "weight_format": weight_format,
-        "seed": int(seed_m.group(1)) if seed_m else 0,
+        "seed": int(seed_m.group(1)) if seed_m else default_seed,
         "variant": dare_variant(rate, rescale, strategy, weight_format),
     }
 
@@ -170,11 +178,17 @@ def method_label(method: str, params: Mapping[str, Any] | None = None) -> str:
         return method
     params = dict(params or {})
     order = spec.name_order or tuple(p.name for p in spec.params)
+    # the method's own parameters, then those of its data statistics (e.g. Fisher's example counts)
+    declared = [spec.param(n) for n in order] + [
+        p for stat in spec.data_statistics for p in stat.params if p.name not in order
+    ]
     shown = []
-    for name in sorted(order, key=lambda n: (n != "param_value_mask_rate", n != "scaling_coefficient")):
+    for param in sorted(
+        declared, key=lambda p: (p.name != "param_value_mask_rate", p.name != "scaling_coefficient")
+    ):
+        name = param.name
         if name not in params or params[name] is None:
             continue
-        param = spec.param(name)
         value = params[name]
         text = "/".join(_fmt_num(str(v)) for v in value) if isinstance(value, list) else _fmt_num(str(value))
         if name in _PARAM_TEXT:
@@ -182,6 +196,16 @@ def method_label(method: str, params: Mapping[str, Any] | None = None) -> str:
         elif value != param.default and not (isinstance(value, list) and set(value) == {param.default}):
             shown.append(f"{param.short or param.name}={text}")
     return spec.label + (f" ({', '.join(shown)})" if shown else "")
+
+
+def _draws_random(method: str) -> bool:
+    """Whether a merging method draws random numbers (its results depend on the seed)."""
+    from model_merging_methods.registry import get_method
+
+    try:
+        return get_method(method).random
+    except ValueError:
+        return False
 
 
 def _dare_text(dare: Mapping[str, Any]) -> tuple[str, list[float]]:
@@ -208,17 +232,23 @@ def settings_record(
     dare, merge = settings.get("dare"), settings.get("merge")
     if settings.get("kind") == "merge" and isinstance(merge, dict):
         label = method_label(str(merge.get("method")), merge.get("params"))
+        seed = None
         if isinstance(dare, dict):
             variant, rates = _dare_text(dare)
             label = f"{variant} p={'/'.join(sorted({_fmt_num(str(r)) for r in rates}))} + {label}"
-        return {"kind": "merge", "model": model, "method": label, **common}
-    if isinstance(dare, dict):
+            seed = dare.get("seed")
+        elif _draws_random(str(merge.get("method"))) and isinstance(settings.get("flags"), dict):
+            seed = settings["flags"].get("seed")
+        record = {"kind": "merge", "model": model, "method": label, **common}
+        return record | ({"seed": seed} if isinstance(seed, int) else {})
+    if isinstance(dare, dict):  # a DARE'd model; at rate 0 the fine-tuned model, the p = 0 point of its sweep
         variant, rates = _dare_text(dare)
-        if max(rates) > 0:
-            return {
-                "kind": "dare", "model": model, "drop_rate": max(rates), "variant": variant,
-                "seed": int(dare.get("seed", 0)), **common,
-            }  # fmt: skip
+        return {
+            "kind": "dare", "model": model, "drop_rate": max(rates), "variant": variant,
+            "seed": int(dare.get("seed", 0)), **common,
+        }  # fmt: skip
+    if settings.get("kind") == "train" and isinstance(settings.get("training_seed"), int):
+        return {"kind": "model", "model": model, "seed": settings["training_seed"], **common}
     return {"kind": "model", "model": model, **common}
 
 
@@ -249,11 +279,11 @@ def _describe(value: Any) -> str:
 
 
 def _dare_or_model_record(
-    name: str, model: str, dataset: str, metric: str, value: float, path: Path
+    name: str, model: str, dataset: str, metric: str, value: float, path: Path, default_seed: int = 0
 ) -> list[dict[str, Any]]:
     """A ``dare`` record when ``name`` is a DARE'd model's name (:func:`parse_dare_name`), else a ``model`` record
     for ``model``."""
-    d = parse_dare_name(name)
+    d = parse_dare_name(name, default_seed)
     if d is not None:
         return [
             {
@@ -319,7 +349,43 @@ def _glue_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
             }
         ]
     model = re.sub(r"_lr[0-9.eE+-]+(_run\d+)?$", r" fine-tuned\1", path.stem)
-    return _dare_or_model_record(path.stem, model, task, metric, value, path)
+    return _dare_or_model_record(path.stem, model, task, metric, value, path, LEGACY_GLUE_MASK_SEED)
+
+
+def _all_tasks_records(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of an N-task GLUE merge (``merge_plms_glue.py --merge_mode all``): each task's test score of the
+    merged model, or of the fine-tuned models (the reference file ``all_{tasks}/finetuned/*.json``)."""
+    tasks, scores = data.get("tasks"), data.get("test_scores")
+    if not isinstance(tasks, list) or not isinstance(scores, dict):
+        return []
+    keys = data.get("score_keys") if isinstance(data.get("score_keys"), dict) else {}
+    finetuned = data.get("method") == "fine-tuned (individual)"
+    records = []
+    for task in tasks:
+        if task not in scores or not isinstance(task, str):
+            continue
+        value = _number(scores[task])
+        if value is None:
+            if scores[task] is None:  # not scored (e.g. no finite metric): nothing to report
+                continue
+            raise _BadMetric(f"test score of {task[:40]} is {_describe(scores[task])}, not a number")
+        key = keys.get(task)
+        metric = key[5:] if isinstance(key, str) and key.startswith("eval_") else glue_main_metric(task)
+        rec = settings_record(data.get("settings"), task, metric, value, path)
+        if rec is None:  # an older file: its own fields
+            common = {"dataset": task, "metric": metric, "value": value, "source": str(path)}
+            if finetuned:
+                rec = {"kind": "model", "model": "fine-tuned (individual)", **common}
+            else:
+                label = data.get("method") if isinstance(data.get("method"), str) else "?"
+                rec = {
+                    "kind": "merge",
+                    "model": "all_" + "_".join(map(str, tasks)),
+                    "method": label,
+                    **common,
+                }
+        records.append(rec)
+    return records
 
 
 def llm_metric(dataset: str, data: dict[str, Any]) -> tuple[str, float] | None:
@@ -421,6 +487,9 @@ def records_from_file(path: str | Path) -> tuple[list[dict[str, Any]], str | Non
             if not isinstance(recs, list):
                 return [], f"records is {_describe(recs)}, not a list"
             return [dict(_check_quickstart_record(i, r), source=str(path)) for i, r in enumerate(recs)], None
+        if data.get("merge_mode") == "all":
+            recs = _all_tasks_records(path, data)
+            return (recs, None) if recs else ([], "an N-task GLUE merge without test scores")
         if any(isinstance(k, str) and k.startswith("eval_") for k in data):
             recs = _glue_records(path, data)
             return (recs, None) if recs else ([], "GLUE-like metrics but no GLUE task in the path")

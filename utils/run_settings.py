@@ -4,7 +4,8 @@ Settings travel as data, not in file names: every results JSON of the GLUE, LLM,
 a ``settings`` object built by :func:`run_settings`, and ``make_report.py`` reads it before falling back to parsing
 names (older files). Layout (schema :data:`SETTINGS_SCHEMA`)::
 
-    {"schema": ..., "script": "merge_llms_instruct_math_code.py", "kind": "merge" | "dare" | "model" | "train",
+    {"schema": ..., "script": "merge_llms_instruct_math_code.py",
+     "kind": "merge" | "dare" | "model" | "train" | "quickstart",
      "model": <model or merged group>, "dare": {weight_mask_rate, use_weight_rescale, mask_strategy, weight_format,
      seed} or null, "merge": {"method": <name>, "params": {...}, "models": [...]} or null,
      "flags": {every command-line flag}, "versions": {...}, "git_commit": <sha or null>, "created": <ISO time>}
