@@ -20,3 +20,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def glue_world(tmp_path_factory):
+    """Tiny BERT/RoBERTa encoders and a few GLUE rows (:func:`tests.glue_helpers.build_world`), shared by the GLUE
+    script tests of a session; tests write their own results elsewhere (``world.train_results`` and
+    ``world.merge_results`` belong to tests/test_glue_scripts.py)."""
+    from tests.glue_helpers import build_world
+    from utils.glue_data_loader import load_raw_split
+
+    load_raw_split.cache_clear()
+    yield build_world(tmp_path_factory.mktemp("glue_world"))
+    load_raw_split.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def glue_trained(glue_world):
+    """cola, stsb and rte fine-tuned from tiny-bert in ``glue_world.models`` (their test metrics by task)."""
+    from tests.glue_helpers import train_tasks
+
+    return train_tasks(glue_world)

@@ -1,6 +1,7 @@
 """End to end: train_plms_glue.py (single and multi-task), inference_plms_glue.py (DARE sweep) and
-merge_plms_glue.py (every method and DARE + X on one pair) with tiny BERT/RoBERTa models built here, on a few
-real GLUE rows from ../shared/data/glue (synthetic rows when that folder is absent)."""
+merge_plms_glue.py (every method and DARE + X on one pair) with tiny BERT/RoBERTa models, on a few real GLUE rows
+from ../shared/data/glue (synthetic rows when that folder is absent): the session fixtures ``glue_world`` and
+``glue_trained`` of conftest.py (tests/glue_helpers.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,65 +19,23 @@ import torch
 import inference_plms_glue
 import merge_plms_glue
 import train_plms_glue
+from tests.glue_helpers import LIMITS, LR, REPO_ROOT
 from utils.cli import run_main
-from utils.glue_data_loader import load_raw_split, load_raw_task_splits
 from utils.glue_merging import MergeSettings, settings_suffix
 from utils.glue_paths import chosen_learning_rate, finetuned_model_dir, save_model_name
 from utils.multitask_model import PAD_LOGIT, MultiTaskModel
-from utils.tiny_models import build_tiny_encoder, build_word_tokenizer
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_GLUE = REPO_ROOT.parent / "shared" / "data" / "glue"
-TASKS = ("cola", "stsb", "rte")
-LR = "0.0005"
-LIMITS = ["--max_train_samples", "48", "--max_eval_samples", "32"]
-
-
-def _synthetic_glue(d: Path) -> None:
-    words = "the a cat dog man woman runs sees big small red blue house car park tree".split()
-    gen = torch.Generator().manual_seed(0)
-
-    def sentence():
-        idx = torch.randint(0, len(words), (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen)
-        return " ".join(words[i] for i in idx.tolist())
-
-    for folder, header, make in (
-        ("CoLA", None, lambda i: f"src\t{i % 2}\t\t{sentence()}"),
-        ("STS-B", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-         lambda i: f"{i}\tg\tf\ty\t0\tn\tn\t{sentence()}\t{sentence()}\t{(i % 21) / 4:.3f}"),
-        ("RTE", "index\tsentence1\tsentence2\tlabel",
-         lambda i: f"{i}\t{sentence()}\t{sentence()}\t{['entailment', 'not_entailment'][i % 2]}"),
-    ):  # fmt: skip
-        (d / folder).mkdir(parents=True)
-        for split, n in (("train", 120), ("dev", 40)):
-            rows = ([header] if header else []) + [make(i) for i in range(n)]
-            (d / folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+from utils.tiny_models import build_tiny_encoder
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glue_world")
-    glue_dir = SHARED_GLUE
-    if not (SHARED_GLUE / "CoLA" / "train.tsv").is_file():
-        glue_dir = root / "glue"
-        _synthetic_glue(glue_dir)
-    load_raw_split.cache_clear()
-    texts = []
-    for task in TASKS:
-        for split in load_raw_task_splits(
-            task, str(glue_dir), max_train_samples=48, max_eval_samples=32
-        ).values():
-            texts += list(split.texts) + list(split.text_pairs or ())
-    for style in ("bert", "roberta"):
-        tok = build_word_tokenizer(texts, style, vocab_size=1500)
-        build_tiny_encoder(style, len(tok), num_labels=2, seed=0, hidden_size=32, num_hidden_layers=1,
-                           pad_token_id=tok.pad_token_id, save_dir=root / f"tiny-{style}", tokenizer=tok)  # fmt: skip
-    yield SimpleNamespace(
-        root=root, glue=str(glue_dir), bert=str(root / "tiny-bert"), roberta=str(root / "tiny-roberta"),
-        models=str(root / "save_models"), train_results=str(root / "save_model_results"),
-        merge_results=str(root / "save_merge_results"),
-    )  # fmt: skip
-    load_raw_split.cache_clear()
+def world(glue_world):
+    return glue_world
+
+
+@pytest.fixture(scope="module")
+def trained(glue_trained):
+    """cola, stsb and rte fine-tuned from tiny-bert (a few optimiser steps each)."""
+    return glue_trained
 
 
 def _read(path) -> dict:
@@ -93,18 +51,6 @@ def _exit_code(main, argv, capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
         run_main(lambda: main(argv))
     return info.value.code, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def trained(world):
-    """cola, stsb and rte fine-tuned from tiny-bert (a few optimiser steps each)."""
-    results = {}
-    for task in TASKS:
-        argv = ["--dataset_name", task, "--language_model_name", world.bert, "--num_runs", "1", "--num_epochs", "1",
-                "--learning_rate", LR, "--glue_data_dir", world.glue, "--models_dir", world.models,
-                "--results_dir", world.train_results, *LIMITS]  # fmt: skip
-        results[task] = train_plms_glue.main(argv)[0]
-    return results
 
 
 # ----------------------------------------------------------------------------------------------- paths
