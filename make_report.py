@@ -58,12 +58,12 @@ def _is_report(path: Path) -> bool:
 
 
 def check_output_dir(inputs: list[str], output_dir: str | Path) -> None:
-    """Before anything is read: ``--output_dir`` must not be or contain an input (symlinks and ``..`` resolved),
-    must be (or become) a folder, and an existing ``report.json`` in it must be one of this script's."""
+    """Before anything is read: ``--output_dir`` must not be, contain or lie inside an input (symlinks and ``..``
+    resolved), must be (or become) a folder, and an existing ``report.json`` in it must be one of this script's."""
     out = Path(output_dir)
     for inp in inputs:
         rel = relation(out, inp)
-        if rel in ("is", "contains"):
+        if rel is not None:
             raise UserError(
                 f"--output_dir {out} {rel} the input {inp}; choose an output folder outside the inputs"
             )

@@ -461,10 +461,8 @@ def _paths_cases(c: Cases) -> None:
         res = d / "results"
         shutil.copytree(w.results, res)
 
-        note = ("the report is written inside the input folder (its files unchanged); item 1 asks for a refusal, "
-                "tests/test_hostile_scorers.py allows this on purpose (the report folder is not read back)")  # fmt: skip
         return Spec(["make_report.py", res, "--output_dir", res / "report", "--quiet"], inputs=[res],
-                    outputs=[res / "report"], note=note)  # fmt: skip
+                    pattern="lies inside the input")  # fmt: skip
 
     c.add(A, "make_report: --output_dir inside the input folder", report_inside)
 

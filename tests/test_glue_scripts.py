@@ -189,18 +189,18 @@ def test_inference_sweep(world, trained):
     name0 = f"tiny-bert_lr{LR}_inference_mask_0.0_maxeval32"
     assert (Path(results_dir) / "cola" / name0 / f"{name0}.json").is_file()
     dare = inference_plms_glue.main([*common, "--weight_mask_rate", "0.9", "--use_weight_rescale"])
-    name = f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_maxeval32"
+    name = f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_seed0_maxeval32"
     stsb = _read(Path(results_dir) / "stsb" / name / f"{name}.json")
     assert stsb == dare[1] and -1 <= stsb["eval_averaged_scores"] <= 1
     assert dare[1]["eval_loss"] != plain[1]["eval_loss"]  # the model really changed
     rows = _csv_rows(
-        Path(results_dir) / "summary" / f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_maxeval32.csv"
+        Path(results_dir) / "summary" / f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_seed0_maxeval32.csv"
     )
     assert [r["task"] for r in rows] == ["cola", "stsb"]
     assert [r["main_metric"] for r in rows] == ["matthews_correlation", "averaged_scores"]
     assert float(rows[1]["score"]) == stsb["eval_averaged_scores"]
     md = (
-        Path(results_dir) / "summary" / f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_maxeval32.md"
+        Path(results_dir) / "summary" / f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_seed0_maxeval32.md"
     ).read_text()
     assert md.startswith("| task | main_metric | score |")
     inference_plms_glue.main([*common[:4], "--dataset_names", "rte", *common[7:], "--weight_mask_rate", "0.5",

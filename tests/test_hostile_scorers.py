@@ -665,11 +665,15 @@ def test_make_report_output_folder_checks(tmp_path):
         proc = _cli("make_report.py", root, "--output_dir", out, "--quiet")
         _assert_one_error_line(proc, fragment)
         assert _snapshot(tmp_path) == before
-    # a report folder inside an input folder is fine, and is not read back as an input on the next run
+    # a report folder inside an input folder is refused too (issue 10: no output inside any input)
+    proc = _cli("make_report.py", root, "--output_dir", root / "report", "--quiet")
+    _assert_one_error_line(proc, "lies inside the input")
+    assert _snapshot(tmp_path) == before
+    # beside the inputs it is written, and run again it replaces its own report
     for _ in range(2):
-        proc = _cli("make_report.py", root, "--output_dir", root / "report", "--quiet")
+        proc = _cli("make_report.py", root, "--output_dir", tmp_path / "report", "--quiet")
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert json.loads((root / "report" / "report.json").read_text())["skipped"] == []
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["skipped"] == []
 
 
 def test_make_report_in_process_errors_are_user_errors(tmp_path):

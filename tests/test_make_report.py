@@ -161,8 +161,8 @@ def test_records_from_each_format(results_tree):
     assert recs == [] and "no scored metric" in why
 
 
-def test_make_report_tables_and_plots(results_tree, tmp_path):
-    out = tmp_path / "report"
+def test_make_report_tables_and_plots(results_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_out") / "report"  # outside the input tree
     rep = make_report.main([str(results_tree), "--output_dir", str(out), "--quiet"])
     dare = {(r["model"], r["dataset"]): r for r in rep["tables"]["dare"]}
     cola = dare[("roberta-base", "cola")]

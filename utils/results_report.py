@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from model_merging_methods.registry import all_methods
+from utils.run_names import GLUE_UNNAMED_MASK_SEED
 
 QUICKSTART_SCHEMA = "dare-toolkit/quickstart-results/v1"
 
@@ -57,9 +58,9 @@ LLM_DATASETS = ("alpaca_eval", "gsm8k", "MATH", "human_eval", "mbpp")
 MERGE_METHODS = tuple(m.name for m in all_methods())
 METHOD_LABELS = {m.name: m.label for m in all_methods()}
 
-# the mask seed of a GLUE DARE file without a seed in its name and without settings: the original's implicit seed
-# (HF Trainer's set_seed(42)), which was also inference_plms_glue.py's default before every script's became 0
-LEGACY_GLUE_MASK_SEED = 42
+# the mask seed of a GLUE DARE file without a seed in its name: the original's implicit seed (HF Trainer's
+# set_seed(42)), inference_plms_glue.py's default before every script's became 0; names still omit it (run_names)
+LEGACY_GLUE_MASK_SEED = GLUE_UNNAMED_MASK_SEED
 
 _DARE_NAME = re.compile(
     r"^(?P<model>.+?)_inference_mask_(?P<rate>[0-9.eE+-]+?)(?:_rescale_(?P<rescale>True|False))?(?P<rest>(?:_.*)?)$"

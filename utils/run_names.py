@@ -47,6 +47,9 @@ def method_run_name(method_name: str, params: Mapping[str, Any]) -> str:
 # DARE'd single models (inference_plms_glue.py, inference_llms_instruct_math_code.py)
 # ---------------------------------------------------------------------------------------------------------------
 DEFAULT_MASK_SEED = DARE_SEED_DEFAULT  # the --seed default of every script: a name omits the mask seed at it
+# GLUE DARE names omit the seed at 42 instead: the seed of every GLUE DARE result written before the default became 0
+# (the original's implicit seed), so a new run at another seed never takes an older result's name
+GLUE_UNNAMED_MASK_SEED = 42
 
 
 def dare_name(
@@ -62,10 +65,11 @@ def dare_name(
 ) -> str:
     """The original's DARE save name (§2.2 step 4, §2.4 step 1): ``{model}_inference_mask_{p}`` at p = 0, else
     ``..._rescale_{b}`` [``_strategy_magnitude``] [``_weight_format_finetuned_weight``] [``_llama_2_as_backbone``],
-    plus the mask seed when it is not the default. The two scripts' spellings of the seed are kept, so that existing
-    result files keep their names (``make_report.py`` parses both for files without a ``settings`` object, and
-    reads the seed from ``settings`` for every other): GLUE ``_seed7`` (random masks only: magnitude pruning draws
-    nothing), LLM ``_seed_7``."""
+    plus the mask seed when it is not the one a name omits. The two scripts' spellings of the seed are kept, so that
+    existing result files keep their names (``make_report.py`` parses both for files without a ``settings`` object,
+    and reads the seed from ``settings`` for every other): GLUE ``_seed7`` (random masks only: magnitude pruning
+    draws nothing; omitted at :data:`GLUE_UNNAMED_MASK_SEED`, so the default seed 0 is written ``_seed0``), LLM
+    ``_seed_7`` (omitted at the default 0)."""
     name = f"{model}_inference_mask_{weight_mask_rate}"
     if weight_mask_rate == 0.0:
         return name
@@ -76,8 +80,11 @@ def dare_name(
         name += "_weight_format_finetuned_weight"
     if llama2_backbone:
         name += "_llama_2_as_backbone"
-    if seed != DEFAULT_MASK_SEED and not (glue and mask_strategy != "random"):
-        name += f"_seed{seed}" if glue else f"_seed_{seed}"
+    if glue:
+        if seed != GLUE_UNNAMED_MASK_SEED and mask_strategy == "random":
+            name += f"_seed{seed}"
+    elif seed != DEFAULT_MASK_SEED:
+        name += f"_seed_{seed}"
     return name
 
 
