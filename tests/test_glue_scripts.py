@@ -194,7 +194,9 @@ def test_inference_sweep(world, trained):
     assert stsb == dare[1] and -1 <= stsb["eval_averaged_scores"] <= 1
     assert dare[1]["eval_loss"] != plain[1]["eval_loss"]  # the model really changed
     rows = _csv_rows(
-        Path(results_dir) / "summary" / f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_seed0_maxeval32.csv"
+        Path(results_dir)
+        / "summary"
+        / f"tiny-bert_lr{LR}_inference_mask_0.9_rescale_True_seed0_maxeval32.csv"
     )
     assert [r["task"] for r in rows] == ["cola", "stsb"]
     assert [r["main_metric"] for r in rows] == ["matthews_correlation", "averaged_scores"]
