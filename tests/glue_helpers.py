@@ -16,12 +16,19 @@ LR = "0.0005"
 LIMITS = ["--max_train_samples", "48", "--max_eval_samples", "32"]
 
 
-def synthetic_glue(d: Path) -> None:
-    words = "the a cat dog man woman runs sees big small red blue house car park tree".split()
+WORDS = "the a cat dog man woman runs sees big small red blue house car park tree".split()
+
+
+def synthetic_glue(
+    d: Path, words: list[str] = WORDS, splits=(("train", 120), ("dev", 40)), min_words: int = 3
+) -> None:
+    """CoLA, STS-B and RTE in the GLUE TSV layout, seeded random sentences of ``min_words`` to 8 ``words``."""
     gen = torch.Generator().manual_seed(0)
 
     def sentence():
-        idx = torch.randint(0, len(words), (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen)
+        idx = torch.randint(
+            0, len(words), (int(torch.randint(min_words, 9, (1,), generator=gen)),), generator=gen
+        )
         return " ".join(words[i] for i in idx.tolist())
 
     for folder, header, make in (
@@ -32,7 +39,7 @@ def synthetic_glue(d: Path) -> None:
          lambda i: f"{i}\t{sentence()}\t{sentence()}\t{['entailment', 'not_entailment'][i % 2]}"),
     ):  # fmt: skip
         (d / folder).mkdir(parents=True)
-        for split, n in (("train", 120), ("dev", 40)):
+        for split, n in splits:
             rows = ([header] if header else []) + [make(i) for i in range(n)]
             (d / folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
 

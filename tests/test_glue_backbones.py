@@ -20,6 +20,7 @@ from transformers import DataCollatorWithPadding
 import inference_plms_glue
 import merge_plms_glue
 import train_plms_glue
+from tests.glue_helpers import synthetic_glue
 from utils.cli import run_main
 from utils.customized_trainers import GlueEvaluator
 from utils.glue_data_loader import load_raw_split
@@ -49,26 +50,6 @@ EXPECTED_HEADS = {
 }  # fmt: skip
 
 
-def _synthetic_glue(d: Path) -> None:
-    gen = torch.Generator().manual_seed(0)
-
-    def sentence():
-        idx = torch.randint(0, len(WORDS), (int(torch.randint(2, 9, (1,), generator=gen)),), generator=gen)
-        return " ".join(WORDS[i] for i in idx.tolist())
-
-    for folder, header, make in (
-        ("CoLA", None, lambda i: f"src\t{i % 2}\t\t{sentence()}"),
-        ("STS-B", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-         lambda i: f"{i}\tg\tf\ty\t0\tn\tn\t{sentence()}\t{sentence()}\t{(i % 21) / 4:.3f}"),
-        ("RTE", "index\tsentence1\tsentence2\tlabel",
-         lambda i: f"{i}\t{sentence()}\t{sentence()}\t{['entailment', 'not_entailment'][i % 2]}"),
-    ):  # fmt: skip
-        (d / folder).mkdir(parents=True)
-        for split, n in (("train", 60), ("dev", 24)):
-            rows = ([header] if header else []) + [make(i) for i in range(n)]
-            (d / folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-
-
 def _tokenizer_style(backbone: str) -> str:
     return {"gpt2": "gpt2", "roberta": "roberta"}.get(backbone, "bert")
 
@@ -88,7 +69,7 @@ def _build(backbone: str, folder: Path, num_labels: int = 2):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("glue_backbones")
-    _synthetic_glue(root / "glue")
+    synthetic_glue(root / "glue", WORDS, splits=(("train", 60), ("dev", 24)), min_words=2)
     load_raw_split.cache_clear()
     for backbone in CLASSIFIER_BACKBONES:
         _build(backbone, root / f"tiny-{backbone}")

@@ -136,28 +136,33 @@ def _template_tag(template: str) -> str:
     return "ft" + hashlib.sha1(template.encode()).hexdigest()[:8]
 
 
-def glue_common_suffix(settings) -> str:
-    """Name parts shared by every method of one protocol: evaluation sample limit, metric, sequence length and
-    the fine-tuned models' template (what the fine-tuned reference scores depend on)."""
+def _protocol_parts(settings) -> list[str]:
+    """The name parts of the evaluation protocol every GLUE merge name ends with: metric, sequence length and the
+    fine-tuned models' template, when they are not the defaults."""
     from utils.glue_data_loader import MAX_SEQ_LENGTH
 
-    parts: list[str] = []
-    if settings.max_eval_samples is not None:
-        parts.append(f"maxeval{settings.max_eval_samples}")
+    parts = []
     if settings.metric != "main":
         parts.append(f"metric_{settings.metric}")
     if settings.max_seq_length != MAX_SEQ_LENGTH:
         parts.append(f"len{settings.max_seq_length}")
     if settings.finetuned_model_template is not None:
         parts.append(_template_tag(settings.finetuned_model_template))
-    return "".join(f"_{p}" for p in parts)
+    return parts
+
+
+def glue_common_suffix(settings) -> str:
+    """Name parts shared by every method of one protocol: evaluation sample limit, metric, sequence length and
+    the fine-tuned models' template (what the fine-tuned reference scores depend on)."""
+
+    parts = [f"maxeval{settings.max_eval_samples}"] if settings.max_eval_samples is not None else []
+    return "".join(f"_{p}" for p in [*parts, *_protocol_parts(settings)])
 
 
 def glue_merge_suffix(settings) -> str:
     """Name parts for every setting that differs from the original's defaults (so that no two settings share a
     result file): selection split, seed (``_seed{s}``, for methods that draw random numbers or read data), sample
     limits, estimator variants, grids, DARE options."""
-    from utils.glue_data_loader import MAX_SEQ_LENGTH
     from utils.glue_merging import DATA_METHODS, METHOD_GRID_KEYS, METHOD_OPTION_KEYS, RANDOM_METHODS
 
     base = settings.base_method
@@ -201,13 +206,7 @@ def glue_merge_suffix(settings) -> str:
         tag = _grid_tag(settings, ("weight_mask_rate",))
         if tag:
             parts.append("dare" + tag)
-    if settings.metric != "main":
-        parts.append(f"metric_{settings.metric}")
-    if settings.max_seq_length != MAX_SEQ_LENGTH:
-        parts.append(f"len{settings.max_seq_length}")
-    if settings.finetuned_model_template is not None:
-        parts.append(_template_tag(settings.finetuned_model_template))
-    return "".join(f"_{p}" for p in parts)
+    return "".join(f"_{p}" for p in [*parts, *_protocol_parts(settings)])
 
 
 def glue_story_folder(size: str, seed: int, key: str) -> str:
