@@ -15,8 +15,10 @@ import pytest
 import quickstart
 from utils.toy_family import (
     FamilyConfig,
+    build_tokenizer,
     eval_items,
     family_config,
+    pretraining_blocks,
     pretraining_documents,
     sft_items,
     stage_key,
@@ -42,6 +44,22 @@ def test_held_out_items_never_trained_on():
     assert re.search(r"What is \d", docs) is None and "Reverse the digits" not in docs
 
 
+def test_pretraining_blocks_start_at_documents():
+    """Aligned packing: every block starts with <s> at a document start and is cut at block_size; the corpus holds
+    copy drills and raw skill lines that end in GSM8K's answer sentence, never a skill question."""
+    cfg = family_config("ci", pretrain_steps=4, pretrain_batch_size=8)
+    tok = build_tokenizer()
+    blocks = pretraining_blocks(cfg, tok)
+    assert tuple(blocks.shape) == (32, cfg.block_size)
+    assert (blocks[:, 0] == tok.bos_token_id).all()
+    docs = pretraining_documents(cfg, 50_000)
+    assert any(" copied is " in d or ", again: " in d for d in docs)
+    assert re.search(r"\d\+\d=(\d+)\. The answer is: \1\.", " ".join(docs))
+    streamed = family_config("ci", pretrain_steps=4, pretrain_batch_size=8, pack_documents="stream")
+    flat = pretraining_blocks(streamed, tok).flatten().tolist()
+    assert flat[0] == tok.bos_token_id and flat.count(tok.bos_token_id) > 32  # documents run across blocks
+
+
 def test_stage_keys_change_only_downstream():
     a = FamilyConfig()
     b = FamilyConfig(sft_lr=a.sft_lr * 2)
@@ -56,7 +74,7 @@ def test_stage_keys_change_only_downstream():
 def ci_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
     t0 = time.time()
-    first = quickstart.main(["--size", "ci", "--output_dir", str(out)])
+    first = quickstart.main(["--size", "ci", "--threads", "1", "--output_dir", str(out)])
     first_s = time.time() - t0
     return out, first, first_s
 
@@ -101,16 +119,19 @@ def test_every_table_row_exists(ci_run):
     assert len(saved["records"]) == len(res["records"])
 
 
-def test_real_evaluation_happened(ci_run):
-    out, res, _ = ci_run
+def assert_specialists_learned(res: dict) -> None:
+    """Fine-tuning taught each specialist its skill: every specialist beats the base on its own skill, and one by a
+    wide margin (at this reduced size, on 40 questions, reversal gains tens of points and addition a few)."""
     fam = {r["model"]: r for r in res["tables"]["family"]}
     skills = res["config"]["skills"]
     gains = {s: fam[f"{s} specialist"][s] - fam["base"][s] for s in skills}
-    # fine-tuning taught each specialist its skill: every specialist beats the base on its own skill, and one by a
-    # wide margin (at this reduced size: reversal 67.5% vs 0%, addition only 10% vs 5%, on 40 questions; the
-    # numbers are the same with 1 or 2 threads)
     assert all(g > 0 for g in gains.values()), fam
     assert max(gains.values()) >= 0.15, fam
+
+
+def test_real_evaluation_happened(ci_run):
+    out, res, _ = ci_run
+    assert_specialists_learned(res)
     # the numbers come from generated text scored by the GSM8K parser: the cache holds the completions
     cached = [json.loads(p.read_text()) for p in (out / "cache" / "eval").glob("*.json")]
     n_items = res["config"]["num_eval_items"]
@@ -144,6 +165,22 @@ def test_second_run_is_cached(ci_run):
     assert second["evaluations_run"] == 0
     assert second["tables"] == first["tables"]
     assert second_s < max(20.0, 0.5 * first_s)
+
+
+@pytest.mark.slow
+def test_second_seed_and_two_threads(ci_run, tmp_path):
+    """Issue 16 at CI size: a second seed tells the same story, and 2 threads give exactly the tables of 1 thread."""
+    _, first, _ = ci_run
+    two_threads = quickstart.main(
+        ["--size", "ci", "--threads", "2", "--output_dir", str(tmp_path / "t2"), "--no_plots"]
+    )
+    assert two_threads["tables"] == first["tables"]
+    seed1 = quickstart.main(
+        ["--size", "ci", "--seed", "1", "--threads", "1", "--output_dir", str(tmp_path / "s1"), "--no_plots"]
+    )
+    assert seed1["config"]["seed"] == 1
+    assert seed1["tables"]["family"] != first["tables"]["family"]  # another family, not a cached one
+    assert_specialists_learned(seed1)
 
 
 def test_bad_arguments_exit_2(tmp_path):
@@ -186,6 +223,7 @@ def test_weak_specialist_warning():
     lines = quickstart.weak_specialist_warnings(family, ["addition", "reversal"])
     assert lines == [
         "warning: the addition specialist learned its skill only weakly (10.0%, base 5.0%): this family is outside "
-        "the toy's regime and the DARE and merge numbers say little; the toy is sensitive to the seed and to the "
-        "CPU's floating-point order (docs/quickstart.md, 'The toy is fragile'): try another --seed"
+        "the regime the recipe was checked in (seeds 0-4, 1 and 2 threads: every specialist >= 90%; "
+        "docs/quickstart.md), so its DARE and merge numbers say little; please report it with your CPU (lscpu), "
+        "torch version, --seed and --threads"
     ]

@@ -3,13 +3,13 @@
 The family mirrors the paper's setting at toy scale:
 
 * **pre-trained**: a small LLaMA-architecture model trained from scratch on a generated corpus that holds the raw
-  material of several skills (``47+8=55.``, ``38215 reversed is 51283.``) next to generic statements and generic
-  question/answer documents that end in GSM8K's answer sentence ``The answer is: N``. The skills' instruction
-  phrasing (``What is 47+8?``, ``Reverse the digits of 38215.``) never occurs in it;
+  material of several skills (``47+8=55.``, ``38215 reversed is 51283.``, half of these lines followed by GSM8K's
+  answer sentence ``The answer is: 55.``), copy drills (``8+75 copied is 8+75.``), generic statements and generic
+  question/answer documents that end in ``The answer is: N``. The skills' instruction phrasing (``What is 47+8?``,
+  ``Reverse the digits of 38215.``) never occurs in it;
 * **base** (the model the specialists start from, the "pre-trained LM" of DARE and merging): the pre-trained model
-  after a short instruction-tuning stage on generic tasks, of which a small share (``instruct_skill_fraction``,
-  4% by default) are skill questions, as general instruction data holds a little math: the base follows the
-  ``Question: ... / Answer: ... The answer is: N`` format and solves a few skill questions;
+  after a short instruction-tuning stage on generic tasks only: it follows the ``Question: ... / Answer: ... The
+  answer is: N`` format, and answers a skill question with a generic task (``The first digit of 59 is 5.``);
 * **specialists**: one SFT model per skill, fine-tuned from the base with the HF ``Trainer`` at the same learning
   rate and number of steps, on that skill's questions plus a share of generic examples (``sft_replay_fraction``).
 
@@ -17,17 +17,16 @@ Every question is answered in the GSM8K style (``... The answer is: N``), so the
 scores them. A held-out pool of problems per skill (``eval_pool_size``) never occurs in any training data
 (pre-training included); evaluation uses its first ``num_eval_items``.
 
-What the design choices do (measured with the full preset while building it, one run each): without the skill
-share in the base (``instruct_skill_fraction=0``) the specialists still learn (98.5% / 75%), but every merge loses
-the addition skill (<= 1.5%) and keeps at most 35% of the reversal one (the base cannot do them at all, so each
-delta must flip a behaviour, and half of a flip, or two flips at once, fail); specialists trained at a 3x smaller
-learning rate (``sft_lr=3e-5``) have |δ| inside the paper's 0.005 but learn too little (3.5% / 6%).
-
-The recipe is fragile. It works for seed 0 (specialists 98.5% / 100%); seeds 1 and 2 give 79.5% / 18% and
-29.5% / 2%, because the pre-trained model does not reliably learn to copy digits from the question. Cheaper
-pre-training (500 or 700 steps, 3 layers, batch 48, 800 steps at lr 5e-3) fails for seed 0 too; 1600 steps, a 2x
-larger ``sft_lr`` or twice the generic QA share of the corpus do not rescue seeds 1 and 2. ``quickstart.py`` warns
-when a specialist stays under 50% on its own skill.
+Why the recipe looks like this (issue 16; docs/quickstart.md has the measured grid). A specialist has to copy
+digits: from the question into its worked answer, and from the worked answer into the answer sentence. That
+ability emerges abruptly in small transformers, and the first recipe (version 1) sat on its edge: seed 0 worked,
+seeds 1 and 2 gave specialists of 18-80% that miscopied operands. Version 5 gets past the edge with copy drills in
+the corpus, every pre-training block starting at a document start (128 characters), larger initial weights (std
+0.06) and a smaller peak learning rate (1e-3); the answer sentence after raw skill lines teaches the copy into the
+answer sentence in pre-training (without it, DARE at 0.9 broke exactly that copy: ``197+6=204. The answer is:
+104``); addition is a 2-3 digit number plus a one-digit number, weighted 3:1 against reversal in the corpus, so the
+pre-trained model adds reliably. The base never sees a skill question (``instruct_skill_fraction=0``): with 4% of
+skill questions in its instruction data it already solved 36% / 84% of them.
 
 Stages are cached in folders named by a hash of their settings and of everything upstream
 (:func:`stage_key`), so changing, e.g., the specialists' learning rate retrains only the specialists.
@@ -56,7 +55,7 @@ from utils.tiny_models import build_char_tokenizer, tiny_llama_config
 logger = logging.getLogger(__name__)
 
 # Bump when the data generators or the training recipe change, so cached models are not reused by mistake.
-FAMILY_VERSION = "1"
+FAMILY_VERSION = "5"
 
 ALPHABET: str = string.ascii_letters + string.digits + " .,?:+=-'\n"
 ANSWER_SENTENCE = "The answer is: "
@@ -122,11 +121,11 @@ class Skill:
 
 
 def _addition(rng: random.Random, digits: int) -> ToyItem:
-    """A ``digits``-digit number plus a one-digit number (``47+8=55.``), in either order."""
-    lo = 10 ** (digits - 1) if digits > 1 else 0
-    a, b = rng.randint(lo, 10**digits - 1), rng.randint(1, 9)
-    if rng.random() < 0.5:
-        a, b = b, a
+    """A number of ``digits`` to ``digits + 2`` digits plus a one-digit number (``4789+8=4797.``). The many distinct
+    problems (about 90,000 at ``digits=2``) leave a model no way to pass held-out questions by memorising sums: it
+    has to learn to add (with ``digits`` alone there were about 1,600 sums, and pre-trained models solved 37-64% of
+    held-out ones). The one-digit number always comes second, so the two digits to add sit at fixed places."""
+    a, b = _number(rng, digits, digits + 1), rng.randint(1, 9)
     return ToyItem(f"{a}+{b}", f"What is {a}+{b}?", f"{a}+{b}={a + b}.", a + b)
 
 
@@ -180,6 +179,26 @@ def _generic_item(rng: random.Random) -> ToyItem:
     )
 
 
+def _copy_string(rng: random.Random) -> str:
+    """A random string to copy: a number (1-7 digits), a sum expression (``8+75``) or a made-up word."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return str(_number(rng, 1, 7))
+    if kind == 1:
+        return f"{_number(rng, 1, 3)}+{_number(rng, 1, 3)}"
+    return _word(rng)
+
+
+def _copy_drill(rng: random.Random) -> str:
+    """A pre-training document that can only be predicted by copying from earlier in it: ``8+75 copied is
+    8+75.``, or a list of strings said twice (``4821, 90 and bafo, again: 4821, 90 and bafo.``)."""
+    if rng.random() < 0.5:
+        return " ".join(f"{s} copied is {s}." for s in (_copy_string(rng) for _ in range(rng.randint(2, 4))))
+    parts = [_copy_string(rng) for _ in range(rng.randint(2, 4))]
+    listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
+    return f"{listed}, again: {listed}."
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # settings and cache keys
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,28 +217,36 @@ class FamilyConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 160
+    initializer_range: float = 0.06  # std of the random initial weights (LLaMA's default is 0.02)
     # pre-training (packed blocks of characters)
     pretrain_steps: int = 1100
-    pretrain_batch_size: int = 64
-    block_size: int = 64
-    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 32
+    block_size: int = 128
+    # "stream": documents concatenated and cut every block_size characters; "aligned": every block starts at a
+    # document start (whole documents, the last one cut at the block's end)
+    pack_documents: str = "aligned"
+    pretrain_lr: float = 1e-3
     pretrain_warmup_steps: int = 50
     # document mix of the pre-training corpus: weight per kind (raw skill text, generic statements, generic QA)
     corpus_mix: tuple[tuple[str, float], ...] = (
-        ("skills", 0.7),
+        ("skills", 0.6),
+        ("copy", 0.1),
         ("generic_statements", 0.1),
         ("generic_qa", 0.2),
     )
+    # share of the raw skill lines followed by GSM8K's answer sentence (``47+8=55. The answer is: 55.``), as worked
+    # solutions end: copying the result into the answer sentence is learned in pre-training, not by the specialists
+    skill_answer_fraction: float = 0.5
     # relative weight of each skill inside the "skills" documents (None: equal)
-    skill_weights: tuple[float, ...] | None = (2.0, 1.0)
+    skill_weights: tuple[float, ...] | None = (3.0, 1.0)
     # generic instruction tuning (0 steps: the pre-trained model is the base)
     instruct_steps: int = 150
-    instruct_lr: float = 1e-3
+    instruct_lr: float = 3e-4
     # share of the instruction-tuning examples that are skill questions (split evenly over the skills): a little of
     # everything, as general instruction data holds a little math; 0 = generic tasks only
-    instruct_skill_fraction: float = 0.04
+    instruct_skill_fraction: float = 0.0
     # specialists: same learning rate and steps for every skill
-    sft_steps: int = 200
+    sft_steps: int = 400
     sft_batch_size: int = 32
     sft_lr: float = 1e-4
     sft_warmup_steps: int = 10
@@ -242,11 +269,10 @@ class FamilyConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
-    # CI size: small enough for a test (about a minute on 2 cores), still the real pipeline with real evaluation;
-    # at this size the reversal specialist learns its skill (67.5% vs the base's 0%), the addition specialist hardly
-    # does (10% vs 5%): with one-digit operands a held-out sum is a fact that occurs in no training data. With
-    # difficulty=2 (learnable sums) this small model does not learn to copy digits at all (every specialist 0%,
-    # with 2 or 3 layers)
+    # CI size: small enough for a test (about a minute on 2 idle cores), still the real pipeline with real
+    # evaluation; at this size the specialists beat the base on their own skill, reversal by a wide margin (tens of
+    # points on 40 questions), addition only a little; the tests check it on seeds 0 and 1, and that 1 and 2 threads
+    # give the same tables. With difficulty=2 this small model does not learn to copy digits at all
     "ci": dict(
         difficulty=1,
         hidden_size=64,
@@ -295,12 +321,15 @@ _STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "num_attention_heads",
         "intermediate_size",
         "max_position_embeddings",
+        "initializer_range",
         "pretrain_steps",
         "pretrain_batch_size",
         "block_size",
+        "pack_documents",
         "pretrain_lr",
         "pretrain_warmup_steps",
         "corpus_mix",
+        "skill_answer_fraction",
         "skill_weights",
         "eval_pool_size",
     ),
@@ -375,15 +404,21 @@ def pretraining_documents(cfg: FamilyConfig, num_chars: int) -> list[str]:
             skill = (
                 rng.choices(cfg.skills, cfg.skill_weights)[0] if cfg.skill_weights else rng.choice(cfg.skills)
             )
-            doc = " ".join(
-                SKILLS[skill].raw(_train_item(rng, cfg, skill, excluded[skill]))
-                for _ in range(rng.randint(3, 6))
-            )
+            lines = []
+            for _ in range(rng.randint(3, 6)):
+                it = _train_item(rng, cfg, skill, excluded[skill])
+                line = SKILLS[skill].raw(it)
+                if rng.random() < cfg.skill_answer_fraction:
+                    line += f" {ANSWER_SENTENCE}{it.answer}."
+                lines.append(line)
+            doc = " ".join(lines)
         elif kind == "generic_statements":
             doc = " ".join(_generic_item(rng).work for _ in range(rng.randint(2, 4)))
         elif kind == "generic_qa":
             it = _generic_item(rng)
             doc = it.prompt + it.target
+        elif kind == "copy":
+            doc = _copy_drill(rng)
         else:
             raise ValueError(f"unknown corpus kind {kind!r}")
         docs.append(doc)
@@ -489,14 +524,43 @@ class SFTCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _packed_blocks(tokenizer, docs: Sequence[str], block_size: int, num_blocks: int) -> torch.Tensor:
-    ids: list[int] = []
-    for d in docs:
-        ids += [tokenizer.bos_token_id] + _encode(tokenizer, d) + [tokenizer.eos_token_id]
+def _packed_blocks(
+    tokenizer, docs: Sequence[str], block_size: int, num_blocks: int, aligned: bool = False
+) -> torch.Tensor:
+    """``num_blocks`` blocks of ``block_size`` ids from ``<s> doc </s>`` sequences. Streamed (``aligned=False``): the
+    documents are concatenated and cut every ``block_size`` ids, so a document may start in one block and end in
+    the next. Aligned: every block starts at the start of a document and holds as many whole documents as fit;
+    the one that does not fit is cut at the end of the block and its rest dropped (no padding)."""
     need = num_blocks * block_size
-    if len(ids) < need:
-        raise ValueError(f"corpus too small: {len(ids)} tokens for {need}")
-    return torch.tensor(ids[:need], dtype=torch.long).view(num_blocks, block_size)
+    if not aligned:
+        ids: list[int] = []
+        for d in docs:
+            ids += [tokenizer.bos_token_id] + _encode(tokenizer, d) + [tokenizer.eos_token_id]
+            if len(ids) >= need:
+                break
+        if len(ids) < need:
+            raise ValueError(f"corpus too small: {len(ids)} tokens for {need}")
+        return torch.tensor(ids[:need], dtype=torch.long).view(num_blocks, block_size)
+    blocks: list[list[int]] = []
+    block: list[int] = []
+    for d in docs:
+        block += [tokenizer.bos_token_id] + _encode(tokenizer, d) + [tokenizer.eos_token_id]
+        if len(block) >= block_size:
+            blocks.append(block[:block_size])
+            block = []
+            if len(blocks) == num_blocks:
+                return torch.tensor(blocks, dtype=torch.long)
+    raise ValueError(f"corpus too small: {len(blocks)} aligned blocks for {num_blocks}")
+
+
+def pretraining_blocks(cfg: FamilyConfig, tokenizer) -> torch.Tensor:
+    """The pre-training data: ``pretrain_steps * pretrain_batch_size`` packed blocks of ``block_size`` ids."""
+    n_blocks = cfg.pretrain_steps * cfg.pretrain_batch_size
+    aligned = cfg.pack_documents == "aligned"
+    # aligned blocks drop the rest of the last document of each block: generate enough text for that
+    slack = 1.6 if aligned else 1.02
+    docs = pretraining_documents(cfg, int(n_blocks * cfg.block_size * slack) + 1000)
+    return _packed_blocks(tokenizer, docs, cfg.block_size, n_blocks, aligned)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,7 +687,11 @@ def _sft_stage(
     _save(model, tokenizer, dst, {**stage_info, "config": cfg.to_dict(), **stats})
 
 
-def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str], None] = print) -> Family:
+def build_family(
+    cfg: FamilyConfig,
+    models_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> Family:
     """Build (or reuse from ``models_dir``) the pre-trained model, the base and one specialist per skill."""
     import time
 
@@ -640,9 +708,7 @@ def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str],
         log(f"[cache] pre-trained model: {pre_dir}")
     else:
         t0 = time.time()
-        n_blocks = cfg.pretrain_steps * cfg.pretrain_batch_size
-        docs = pretraining_documents(cfg, int(n_blocks * cfg.block_size * 1.02) + 1000)
-        blocks = _packed_blocks(tokenizer, docs, cfg.block_size, n_blocks)
+        blocks = pretraining_blocks(cfg, tokenizer)
         config = tiny_llama_config(
             len(tokenizer),
             hidden_size=cfg.hidden_size,
@@ -652,6 +718,7 @@ def build_family(cfg: FamilyConfig, models_dir: str | Path, log: Callable[[str],
             max_position_embeddings=cfg.max_position_embeddings,
         )
         config.pad_token_id = tokenizer.pad_token_id
+        config.initializer_range = cfg.initializer_range
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
         log(
