@@ -2,7 +2,8 @@
 128 + the signal; SIGKILL cannot be caught and leaves a temporary folder named with the dead process's pid, which the
 next run for the same target removes (and only that: a live process's folder, or a folder that is not the toolkit's,
 is kept). The merge runs as a real process through ``merge_llms_instruct_math_code.py``'s ``main``; a test hook
-slows its writes down (0.2 s per write) so that the signal arrives mid-way."""
+slows its writes down (0.6 s per write) so that the signal arrives mid-way, even on a loaded machine (at 0.2 s a
+merge once finished before the signal under a load of 3 on 2 cores)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from model_merging_methods import checkpoint_io
 _write_at = checkpoint_io.ShardedSafetensorsWriter.write_at
 def slow(self, *args):
     print("writing", flush=True)
-    time.sleep(0.2)
+    time.sleep(0.6)
     return _write_at(self, *args)
 checkpoint_io.ShardedSafetensorsWriter.write_at = slow
 import merge_llms_instruct_math_code as script
@@ -58,7 +59,7 @@ def start_slow_merge(world, out: Path) -> subprocess.Popen:
     )  # fmt: skip
     line = proc.stdout.readline()
     assert "writing" in line, proc.stderr.read() if proc.poll() is not None else line
-    time.sleep(0.5)  # a few tensors into the output
+    time.sleep(0.3)  # inside the first slowed write: the output folder exists, many writes are still to come
     return proc
 
 
