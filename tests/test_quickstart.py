@@ -58,6 +58,8 @@ def test_pretraining_blocks_start_at_documents():
     streamed = family_config("ci", pretrain_steps=4, pretrain_batch_size=8, pack_documents="stream")
     flat = pretraining_blocks(streamed, tok).flatten().tolist()
     assert flat[0] == tok.bos_token_id and flat.count(tok.bos_token_id) > 32  # documents run across blocks
+    with pytest.raises(ValueError, match="pack_documents must be 'aligned' or 'stream'"):
+        family_config("ci", pack_documents="algned")
 
 
 def test_stage_keys_change_only_downstream():

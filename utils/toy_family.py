@@ -121,10 +121,10 @@ class Skill:
 
 
 def _addition(rng: random.Random, digits: int) -> ToyItem:
-    """A number of ``digits`` to ``digits + 2`` digits plus a one-digit number (``4789+8=4797.``). The many distinct
-    problems (about 90,000 at ``digits=2``) leave a model no way to pass held-out questions by memorising sums: it
-    has to learn to add (with ``digits`` alone there were about 1,600 sums, and pre-trained models solved 37-64% of
-    held-out ones). The one-digit number always comes second, so the two digits to add sit at fixed places."""
+    """A number of ``digits`` or ``digits + 1`` digits plus a one-digit number (``478+8=486.``): 8,910 distinct
+    problems at ``digits=2``, the one-digit number always second, so the two digits to add sit at fixed places.
+    (Recipe version 2 used ``digits`` to ``digits + 2`` digits; version 5 dropped the longest numbers because the
+    pre-trained model did not add them reliably on every seed.)"""
     a, b = _number(rng, digits, digits + 1), rng.randint(1, 9)
     return ToyItem(f"{a}+{b}", f"What is {a}+{b}?", f"{a}+{b}={a + b}.", a + b)
 
@@ -301,6 +301,8 @@ def family_config(preset: str = "full", **overrides: Any) -> FamilyConfig:
         raise ValueError(f"unknown skill(s) {unknown} (expected some of {sorted(SKILLS)})")
     if len(cfg.skills) < 2:
         raise ValueError("the family needs at least two skills")
+    if cfg.pack_documents not in ("aligned", "stream"):
+        raise ValueError(f"pack_documents must be 'aligned' or 'stream', got {cfg.pack_documents!r}")
     if cfg.skill_weights is not None and len(cfg.skill_weights) != len(cfg.skills):
         raise ValueError(f"skill_weights has {len(cfg.skill_weights)} values for {len(cfg.skills)} skills")
     if not 1 <= cfg.num_eval_items <= cfg.eval_pool_size:
