@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="torch CPU threads (default: the cores not already busy with other processes, by the 1-minute load "
-        "average; oversubscribed cores slow tiny-model training down many times)",
+        "average; oversubscribed cores slow tiny-model training down many times); with 2 or more, the specialists "
+        "train side by side, one process each (the same weights as in sequence)",
     )
     p.add_argument(
         "--keep_models", action="store_true", help="keep the DARE'd models (merged models are kept)"
@@ -353,7 +354,7 @@ def weak_specialist_warnings(family: list[dict[str, Any]], skills: list[str]) ->
             lines.append(
                 f"warning: the {s} specialist learned its skill only weakly ({acc:.1%}, base {base:.1%}): this "
                 "family is outside the range the recipe was checked on (seeds 0-4 on an AMD EPYC: every specialist "
-                ">= 89.5%; docs/quickstart.md), so its DARE and merge numbers say little; please report it with your "
+                ">= 99%; docs/quickstart.md), so its DARE and merge numbers say little; please report it with your "
                 "CPU (lscpu), torch version, --seed and --threads"
             )
     return lines
@@ -427,7 +428,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
     # 1. the family ------------------------------------------------------------------------------------------
     t0 = time.time()
-    family = build_family(cfg, out / "models")
+    # the specialists train side by side, one process per thread (the models are the same as in sequence)
+    family = build_family(cfg, out / "models", workers=torch.get_num_threads())
     timings["build family"] = time.time() - t0
     run = Run(args, cfg, family, out)
     keys = _family_keys(cfg, family)

@@ -62,6 +62,29 @@ def test_pretraining_blocks_start_at_documents():
         family_config("ci", pack_documents="algned")
 
 
+def test_addition_is_worked_from_the_units_up():
+    """Recipe version 6: the units sum first (the carry explicit), then the tens part plus the carry, then the
+    result; every line is true arithmetic."""
+    cfg = family_config()
+    seen_carry = seen_plain = False
+    for it in sft_items(cfg, "addition", 500):
+        m = re.fullmatch(r"(\d)\+(\d)=(\d+),(?: (\d+)\+1=(\d+),)? so (\d+)\+(\d)=(\d+)\.", it.work)
+        assert m, it.work
+        u, b, s, rest, rest1, a, b2, total = m.groups()
+        assert (
+            int(u) + int(b) == int(s)
+            and a.endswith(u)
+            and b == b2
+            and int(a) + int(b) == int(total) == it.answer
+        )
+        assert (rest is not None) == (int(s) >= 10)
+        if rest is not None:
+            assert int(rest) == int(a) // 10 and int(rest1) == int(rest) + 1
+        seen_carry, seen_plain = seen_carry or rest is not None, seen_plain or rest is None
+    assert seen_carry and seen_plain
+    assert it.target.endswith(f" The answer is: {it.answer}")
+
+
 def test_stage_keys_change_only_downstream():
     a = FamilyConfig()
     b = FamilyConfig(sft_lr=a.sft_lr * 2)
@@ -123,7 +146,7 @@ def test_every_table_row_exists(ci_run):
 
 def assert_specialists_learned(res: dict) -> None:
     """Fine-tuning taught each specialist its skill: every specialist beats the base on its own skill, and one by a
-    wide margin (at this reduced size, on 40 questions, reversal gains tens of points and addition a few)."""
+    wide margin (at this reduced size, on 40 questions, both gain tens of points: seed 1 87.5% / 72.5%)."""
     fam = {r["model"]: r for r in res["tables"]["family"]}
     skills = res["config"]["skills"]
     gains = {s: fam[f"{s} specialist"][s] - fam["base"][s] for s in skills}
@@ -177,6 +200,11 @@ def test_second_seed_and_two_threads(ci_run, tmp_path):
         ["--size", "ci", "--threads", "2", "--output_dir", str(tmp_path / "t2"), "--no_plots"]
     )
     assert two_threads["tables"] == first["tables"]
+    # 2 threads train the specialists side by side in two processes: the same weights, bit for bit
+    specialists = sorted((ci_run[0] / "models").glob("specialist-*/model.safetensors"))
+    assert len(specialists) == 2
+    for path in specialists:
+        assert (tmp_path / "t2" / "models" / path.parent.name / path.name).read_bytes() == path.read_bytes()
     seed1 = quickstart.main(
         ["--size", "ci", "--seed", "1", "--threads", "1", "--output_dir", str(tmp_path / "s1"), "--no_plots"]
     )
@@ -225,7 +253,7 @@ def test_weak_specialist_warning():
     lines = quickstart.weak_specialist_warnings(family, ["addition", "reversal"])
     assert lines == [
         "warning: the addition specialist learned its skill only weakly (10.0%, base 5.0%): this family is outside "
-        "the range the recipe was checked on (seeds 0-4 on an AMD EPYC: every specialist >= 89.5%; "
+        "the range the recipe was checked on (seeds 0-4 on an AMD EPYC: every specialist >= 99%; "
         "docs/quickstart.md), so its DARE and merge numbers say little; please report it with your CPU (lscpu), "
         "torch version, --seed and --threads"
     ]

@@ -3,7 +3,7 @@
 The family mirrors the paper's setting at toy scale:
 
 * **pre-trained**: a small LLaMA-architecture model trained from scratch on a generated corpus that holds the raw
-  material of several skills (``47+8=55.``, ``38215 reversed is 51283.``, half of these lines followed by GSM8K's
+  material of several skills (``7+8=15, 4+1=5, so 47+8=55.``, ``38215 reversed is 51283.``, half of these lines followed by GSM8K's
   answer sentence ``The answer is: 55.``), copy drills (``8+75 copied is 8+75.``), generic statements and generic
   question/answer documents that end in ``The answer is: N``. The skills' instruction phrasing (``What is 47+8?``,
   ``Reverse the digits of 38215.``) never occurs in it;
@@ -20,12 +20,15 @@ scores them. A held-out pool of problems per skill (``eval_pool_size``) never oc
 Why the recipe looks like this (issue 16; docs/quickstart.md has the measured grid). A specialist has to copy
 digits: from the question into its worked answer, and from the worked answer into the answer sentence. That
 ability emerges abruptly in small transformers, and the first recipe (version 1) sat on its edge: seed 0 worked,
-seeds 1 and 2 gave specialists of 18-80% that miscopied operands. Version 5 gets past the edge with copy drills in
+seeds 1 and 2 gave specialists of 18-80% that miscopied operands. Versions 5 and 6 get past the edge with copy drills in
 the corpus, every pre-training block starting at a document start (128 characters), larger initial weights (std
 0.06) and a smaller peak learning rate (1e-3); the answer sentence after raw skill lines teaches the copy into the
 answer sentence in pre-training (without it, DARE at 0.9 broke exactly that copy: ``197+6=204. The answer is:
-104``); addition is a 2-3 digit number plus a one-digit number, weighted 3:1 against reversal in the corpus, so the
-pre-trained model adds reliably. The base never sees a skill question (``instruct_skill_fraction=0``): with 4% of
+104``); addition is a 2-3 digit number plus a one-digit number, weighted 3:1 against reversal in the corpus. Version
+6 works the sum from the units up (``8+8=16, 47+1=48, so 478+8=486.``): with the carry written out, the result is
+copied, and the arithmetic slips that were version 5's last errors went (every specialist >= 99% on seeds 0-4, where
+version 5 had 89.5-100%); the easier skill also let pre-training shrink from 1100 to 800 steps and the specialists
+from 400 to 250 (at 640 pre-training steps seed 2 did not learn to copy the question's operands: 19% / 57%). The base never sees a skill question (``instruct_skill_fraction=0``): with 4% of
 skill questions in its instruction data it already solved 36% / 84% of them.
 
 Stages are cached in folders named by a hash of their settings and of everything upstream
@@ -55,7 +58,7 @@ from utils.tiny_models import build_char_tokenizer, tiny_llama_config
 logger = logging.getLogger(__name__)
 
 # Bump when the data generators or the training recipe change, so cached models are not reused by mistake.
-FAMILY_VERSION = "5"
+FAMILY_VERSION = "6"
 
 ALPHABET: str = string.ascii_letters + string.digits + " .,?:+=-'\n"
 ANSWER_SENTENCE = "The answer is: "
@@ -121,12 +124,17 @@ class Skill:
 
 
 def _addition(rng: random.Random, digits: int) -> ToyItem:
-    """A number of ``digits`` or ``digits + 1`` digits plus a one-digit number (``478+8=486.``): 8,910 distinct
-    problems at ``digits=2``, the one-digit number always second, so the two digits to add sit at fixed places.
-    (Recipe version 2 used ``digits`` to ``digits + 2`` digits; version 5 dropped the longest numbers because the
-    pre-trained model did not add them reliably on every seed.)"""
+    """A number of ``digits`` or ``digits + 1`` digits plus a one-digit number, worked from the units up (a
+    scratchpad, recipe version 6): ``4+9=13, 70+1=71, so 704+9=713.``, or ``2+5=7, so 92+5=97.`` without a carry.
+    The units sum makes the carry explicit, so writing the result is copying (``71`` then ``3``); version 5 wrote
+    ``704+9=713.`` at once, and its specialists' remaining errors were sums off by one and missed carries. 8,910
+    distinct problems at ``digits=2``, the one-digit number always second. (Version 2 used ``digits`` to ``digits +
+    2`` digits; version 5 dropped the longest numbers because the pre-trained model did not add them reliably.)"""
     a, b = _number(rng, digits, digits + 1), rng.randint(1, 9)
-    return ToyItem(f"{a}+{b}", f"What is {a}+{b}?", f"{a}+{b}={a + b}.", a + b)
+    units, rest = a % 10, a // 10
+    carry = f" {rest}+1={rest + 1}," if units + b >= 10 else ""
+    work = f"{units}+{b}={units + b},{carry} so {a}+{b}={a + b}." if rest else f"{a}+{b}={a + b}."
+    return ToyItem(f"{a}+{b}", f"What is {a}+{b}?", work, a + b)
 
 
 def _reversal(rng: random.Random, digits: int) -> ToyItem:
@@ -219,7 +227,7 @@ class FamilyConfig:
     max_position_embeddings: int = 160
     initializer_range: float = 0.06  # std of the random initial weights (LLaMA's default is 0.02)
     # pre-training (packed blocks of characters)
-    pretrain_steps: int = 1100
+    pretrain_steps: int = 800
     pretrain_batch_size: int = 32
     block_size: int = 128
     # "stream": documents concatenated and cut every block_size characters; "aligned": every block starts at a
@@ -247,7 +255,7 @@ class FamilyConfig:
     # default) = generic tasks only: with 4% the base already solved 36% / 84% of the skill questions
     instruct_skill_fraction: float = 0.0
     # specialists: same learning rate and steps for every skill
-    sft_steps: int = 400
+    sft_steps: int = 250
     sft_batch_size: int = 32
     sft_lr: float = 1e-4
     sft_warmup_steps: int = 10
@@ -271,9 +279,9 @@ class FamilyConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     # CI size: small enough for a test (about a minute on 2 idle cores), still the real pipeline with real
-    # evaluation; at this size the specialists beat the base on their own skill, reversal by a wide margin (tens of
-    # points on 40 questions), addition only a little; the tests check it on seeds 0 and 1, and that 1 and 2 threads
-    # give the same tables. With difficulty=2 this small model does not learn to copy digits at all
+    # evaluation; at this size the specialists beat the base on their own skill by tens of points on 40 questions
+    # (seed 1: 87.5% / 72.5%, base 0% / 0%); the tests check it on seeds 0 and 1, and that 1 and 2 threads give the
+    # same tables. With difficulty=2 this small model does not learn to copy digits at all
     "ci": dict(
         difficulty=1,
         hidden_size=64,
@@ -691,12 +699,34 @@ def _sft_stage(
     _save(model, tokenizer, dst, {**stage_info, "config": cfg.to_dict(), **stats})
 
 
+def _specialist_job(cfg: FamilyConfig, base_dir: str, dst: str, skill: str) -> None:
+    """Fine-tune and save the ``skill`` specialist (a top-level function: worker processes run it too)."""
+    _sft_stage(
+        cfg,
+        build_tokenizer(),
+        Path(base_dir),
+        Path(dst),
+        sft_items(cfg, skill, cfg.sft_steps * cfg.sft_batch_size, cfg.sft_replay_fraction),
+        steps=cfg.sft_steps,
+        lr=cfg.sft_lr,
+        warmup_steps=cfg.sft_warmup_steps,
+        desc=f"{skill} SFT",
+        stage_info={"stage": "specialist", "skill": skill},
+    )
+
+
 def build_family(
     cfg: FamilyConfig,
     models_dir: str | Path,
     log: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> Family:
-    """Build (or reuse from ``models_dir``) the pre-trained model, the base and one specialist per skill."""
+    """Build (or reuse from ``models_dir``) the pre-trained model, the base and one specialist per skill.
+
+    With ``workers`` > 1 the specialists still to train are fine-tuned side by side, one process each on
+    ``torch.get_num_threads() // workers`` threads (at least one): on these tiny models a second thread hardly
+    speeds a step up, a second process nearly halves the stage. Each specialist's training is the same code on the
+    same data and seed as in sequence, so the models are the same (the 1-thread and 2-thread tables match)."""
     import time
 
     from transformers import LlamaForCausalLM
@@ -771,28 +801,36 @@ def build_family(
     info["base"] = json.loads((base_dir / "toy_family_stage.json").read_text())
 
     # 3. specialists (matched learning rate and steps)
-    specialists: dict[str, Path] = {}
     spec_key = stage_key(cfg, "specialist")
+    specialists = {skill: models_dir / f"specialist-{skill}-{spec_key}" for skill in cfg.skills}
+    todo = [skill for skill in cfg.skills if not _stage_done(specialists[skill])]
     for skill in cfg.skills:
-        sdir = models_dir / f"specialist-{skill}-{spec_key}"
-        if _stage_done(sdir):
-            log(f"[cache] {skill} specialist: {sdir}")
-        else:
-            log(f"fine-tuning the {skill} specialist ({SKILLS[skill].description})")
-            _sft_stage(
-                cfg,
-                tokenizer,
-                base_dir,
-                sdir,
-                sft_items(cfg, skill, cfg.sft_steps * cfg.sft_batch_size, cfg.sft_replay_fraction),
-                steps=cfg.sft_steps,
-                lr=cfg.sft_lr,
-                warmup_steps=cfg.sft_warmup_steps,
-                desc=f"{skill} SFT",
-                stage_info={"stage": "specialist", "skill": skill},
-            )
-        specialists[skill] = sdir
-        info[f"specialist/{skill}"] = json.loads((sdir / "toy_family_stage.json").read_text())
+        if skill not in todo:
+            log(f"[cache] {skill} specialist: {specialists[skill]}")
+    workers = max(1, min(workers, len(todo)))
+    jobs = [(cfg, str(base_dir), str(specialists[skill]), skill) for skill in todo]
+    if workers == 1:
+        for job in jobs:
+            log(f"fine-tuning the {job[3]} specialist ({SKILLS[job[3]].description})")
+            _specialist_job(*job)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, torch.get_num_threads() // workers)
+        log(
+            f"fine-tuning the {' and '.join(todo)} specialists side by side ({workers} processes, {threads} thread(s) each)"
+        )
+        ctx = multiprocessing.get_context(
+            "spawn"
+        )  # a fresh interpreter: no state inherited from this process
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
+            for future in [pool.submit(_specialist_job, *job) for job in jobs]:
+                future.result()
+    for skill in cfg.skills:
+        info[f"specialist/{skill}"] = json.loads((specialists[skill] / "toy_family_stage.json").read_text())
     return Family(pretrained=pre_dir, base=base_dir, specialists=specialists, info=info)
 
 
