@@ -52,10 +52,18 @@ def argv(world, out: Path) -> list[str]:
             str(world["ft_b"]), "--merged_model_path", str(out), "--skip_evaluation"]  # fmt: skip
 
 
+def _default_sigint() -> None:
+    """Run in the child before Python starts: SIGINT back to its default. A job started in the background by a
+    non-interactive shell (``cmd &``, as CI wrappers and ``nohup`` do) inherits SIGINT ignored; Python then installs
+    no KeyboardInterrupt handler, and the CLI rightly keeps an ignored SIGINT ignored, so the test would see the merge
+    finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_slow_merge(world, out: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_MERGE, *argv(world, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=ENV, cwd=REPO,
+        text=True, env=ENV, cwd=REPO, preexec_fn=_default_sigint,
     )  # fmt: skip
     line = proc.stdout.readline()
     assert "writing" in line, proc.stderr.read() if proc.poll() is not None else line
