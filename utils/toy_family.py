@@ -3,10 +3,10 @@
 The family mirrors the paper's setting at toy scale:
 
 * **pre-trained**: a small LLaMA-architecture model trained from scratch on a generated corpus that holds the raw
-  material of several skills (``7+8=15, 4+1=5, so 47+8=55.``, ``38215 reversed is 51283.``, half of these lines followed by GSM8K's
-  answer sentence ``The answer is: 55.``), copy drills (``8+75 copied is 8+75.``), generic statements and generic
-  question/answer documents that end in ``The answer is: N``. The skills' instruction phrasing (``What is 47+8?``,
-  ``Reverse the digits of 38215.``) never occurs in it;
+  material of several skills (``7+8=15, 4+1=5, so 47+8=55.``, ``38215 reversed is 51283.``, half of these lines
+  followed by GSM8K's answer sentence ``The answer is: 55.``), copy drills (``8+75 copied is 8+75.``), generic
+  statements and generic question/answer documents that end in ``The answer is: N``. The skills' instruction
+  phrasing (``What is 47+8?``, ``Reverse the digits of 38215.``) never occurs in it;
 * **base** (the model the specialists start from, the "pre-trained LM" of DARE and merging): the pre-trained model
   after a short instruction-tuning stage on generic tasks only: it follows the ``Question: ... / Answer: ... The
   answer is: N`` format, and answers a skill question with a generic task (``The first digit of 59 is 5.``);
@@ -18,18 +18,19 @@ scores them. A held-out pool of problems per skill (``eval_pool_size``) never oc
 (pre-training included); evaluation uses its first ``num_eval_items``.
 
 Why the recipe looks like this (issue 16; docs/quickstart.md has the measured grid). A specialist has to copy
-digits: from the question into its worked answer, and from the worked answer into the answer sentence. That
-ability emerges abruptly in small transformers, and the first recipe (version 1) sat on its edge: seed 0 worked,
-seeds 1 and 2 gave specialists of 18-80% that miscopied operands. Versions 5 and 6 get past the edge with copy drills in
-the corpus, every pre-training block starting at a document start (128 characters), larger initial weights (std
-0.06) and a smaller peak learning rate (1e-3); the answer sentence after raw skill lines teaches the copy into the
-answer sentence in pre-training (without it, DARE at 0.9 broke exactly that copy: ``197+6=204. The answer is:
-104``); addition is a 2-3 digit number plus a one-digit number, weighted 3:1 against reversal in the corpus. Version
-6 works the sum from the units up (``8+8=16, 47+1=48, so 478+8=486.``): with the carry written out, the result is
-copied, and the arithmetic slips that were version 5's last errors went (every specialist >= 99% on seeds 0-4, where
-version 5 had 89.5-100%); the easier skill also let pre-training shrink from 1100 to 800 steps and the specialists
-from 400 to 250 (at 640 pre-training steps seed 2 did not learn to copy the question's operands: 19% / 57%). The base never sees a skill question (``instruct_skill_fraction=0``): with 4% of
-skill questions in its instruction data it already solved 36% / 84% of them.
+digits: from the question into its worked answer, and from the worked answer into the answer sentence. That ability
+emerges abruptly in small transformers, and the first recipe (version 1) sat on its edge: seed 0 worked, seeds 1 and
+2 gave specialists of 18-80% that miscopied operands. Versions 5 and 6 get past the edge with copy drills in the
+corpus, every pre-training block starting at a document start (128 characters), larger initial weights (std 0.06)
+and a smaller peak learning rate (1e-3); the answer sentence after raw skill lines teaches the copy into the answer
+sentence in pre-training (without it, DARE at 0.9 broke exactly that copy: ``197+6=204. The answer is: 104``);
+addition is a 2-3 digit number plus a one-digit number, weighted 3:1 against reversal in the corpus. Version 6 works
+the sum from the units up (``8+8=16, 47+1=48, so 478+8=486.``): with the carry written out, the result is copied,
+and the arithmetic slips that were version 5's last errors went (every specialist >= 99% on seeds 0-4, where version
+5 had 89.5-100%); the easier skill also let pre-training shrink from 1100 to 800 steps and the specialists from 400
+to 250 (at 640 pre-training steps seed 2 did not learn to copy the question's operands: 19% / 57%). The base never
+sees a skill question (``instruct_skill_fraction=0``): with 4% of skill questions in its instruction data it already
+solved 36% / 84% of them.
 
 Stages are cached in folders named by a hash of their settings and of everything upstream
 (:func:`stage_key`), so changing, e.g., the specialists' learning rate retrains only the specialists.
@@ -243,8 +244,9 @@ class FamilyConfig:
         ("generic_statements", 0.1),
         ("generic_qa", 0.2),
     )
-    # share of the raw skill lines followed by GSM8K's answer sentence (``47+8=55. The answer is: 55.``), as worked
-    # solutions end: copying the result into the answer sentence is learned in pre-training, not by the specialists
+    # share of the raw skill lines followed by GSM8K's answer sentence (``7+8=15, 4+1=5, so 47+8=55. The answer is:
+    # 55.``), as worked solutions end: copying the result into the answer sentence is learned in pre-training, not by
+    # the specialists
     skill_answer_fraction: float = 0.5
     # relative weight of each skill inside the "skills" documents (None: equal)
     skill_weights: tuple[float, ...] | None = (3.0, 1.0)
@@ -399,8 +401,9 @@ def _train_item(rng: random.Random, cfg: FamilyConfig, skill: str, excluded: set
 def pretraining_documents(cfg: FamilyConfig, num_chars: int) -> list[str]:
     """Generated pre-training documents (about ``num_chars`` characters in all), without any evaluation item.
 
-    Kinds: ``skills`` (several raw skill lines, e.g. ``37+5=42. 120+3=123. The answer is: 123.``; a share
-    ``skill_answer_fraction`` of the lines end with the answer sentence), ``copy`` (copy drills), ``generic_statements``
+    Kinds: ``skills`` (several raw lines of one skill, e.g. ``2+5=7, so 92+5=97. 7+6=13, 4+1=5, so 47+6=53. The
+    answer is: 53.`` or ``206 reversed is 602. The answer is: 602.``; a share ``skill_answer_fraction`` of the lines
+    end with the answer sentence), ``copy`` (copy drills), ``generic_statements``
     (``The word bafo has 4 letters.``) and ``generic_qa`` (generic questions in the instruction template,
     answered with GSM8K's answer sentence). The skills' instruction phrasing never occurs here.
     """
