@@ -40,6 +40,7 @@ from utils.glue_paths import (
     check_outputs,
     chosen_learning_rate,
     head_parameter_names,
+    learning_rates,
     load_sequence_classifier,
     load_tokenizer,
     local_inputs,
@@ -69,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--glue_data_dir", default=None, help="local GLUE folder (TSV layout); default: the hub")
     p.add_argument("--max_eval_samples", type=int, default=None, help="keep the first N test rows")
     p.add_argument(
-        "--learning_rate", type=float, default=None, help="learning rate in the model folder names"
+        "--learning_rate",
+        type=learning_rates,
+        default=None,
+        help="learning rate in the model folder names: one (5e-4) or one per task (sst2=5e-4,qnli=1e-4)",
     )
     p.add_argument("--max_seq_length", type=int, default=MAX_SEQ_LENGTH, help="truncation length in tokens")
     p.add_argument(

@@ -5,6 +5,7 @@ from ../shared/data/glue (synthetic rows when that folder is absent): the sessio
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -20,9 +21,9 @@ import inference_plms_glue
 import merge_plms_glue
 import train_plms_glue
 from tests.glue_helpers import LIMITS, LR, REPO_ROOT
-from utils.cli import run_main
+from utils.cli import UserError, run_main
 from utils.glue_merging import MergeSettings, settings_suffix
-from utils.glue_paths import chosen_learning_rate, finetuned_model_dir, save_model_name
+from utils.glue_paths import chosen_learning_rate, finetuned_model_dir, learning_rates, save_model_name
 from utils.multitask_model import PAD_LOGIT, MultiTaskModel
 from utils.tiny_models import build_tiny_encoder
 
@@ -62,6 +63,17 @@ def test_model_paths_and_authors_learning_rates():
     assert chosen_learning_rate("mrpc", "FacebookAI/roberta-base") == 5e-5
     assert chosen_learning_rate("cola", "some-other-model") == 1e-5
     assert chosen_learning_rate("cola", "bert-base-uncased", 3e-5) == 3e-5
+    # one learning rate per task (--learning_rate sst2=5e-4,qnli=1e-4)
+    assert learning_rates("5e-4") == 5e-4
+    per_task = learning_rates("sst2=5e-4, qnli=0.0001")
+    assert per_task == {"sst2": 5e-4, "qnli": 1e-4}
+    assert chosen_learning_rate("qnli", "bert-base-uncased", per_task) == 1e-4
+    assert finetuned_model_dir("m", "sst2", "tiny", per_task) == Path("m/sst2/tiny_lr0.0005")
+    with pytest.raises(UserError, match="names no rate for cola"):
+        chosen_learning_rate("cola", "bert-base-uncased", per_task)
+    for bad in ("fast", "sst2=", "=1e-4", "sst2=1e-4,sst2=2e-4", "sst2=1e-4=2", "sst2=1e-4,,qnli=1e-4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="neither a learning rate"):
+            learning_rates(bad)
     assert finetuned_model_dir("./save_models", "stsb", "bert-base-uncased") == Path(
         "save_models/stsb/bert-base-uncased_lr5e-05"
     )
@@ -298,6 +310,12 @@ def test_bad_input_is_one_error_line_and_nothing_written(world, trained, capsys,
     code, err = _exit_code(inference_plms_glue.main, [*common, "--dataset_names", "cola", "--weight_mask_rate", "1.5"],
                            capsys)  # fmt: skip
     assert code == 2 and "weight_mask_rate" in err
+    code, err = _exit_code(inference_plms_glue.main, [*common[:2], "--learning_rate", "cola=1e-4,stsb", *common[4:],
+                                                      "--dataset_names", "cola"], capsys)  # fmt: skip
+    assert code == 2 and "neither a learning rate" in err.splitlines()[-1]  # argparse: usage, then the error
+    code, err = _exit_code(merge_plms_glue.main, [*common[:2], "--learning_rate", f"cola={LR}", *common[4:],
+                                                  "--dataset_names", "cola", "stsb"], capsys)  # fmt: skip
+    assert code == 2 and "names no rate for stsb" in err and err.count("\n") == 1
     code, err = _exit_code(merge_plms_glue.main, [*common, "--dataset_names", "cola", "stsb", "--merging_method_name",
                                                   "mask_merging", "--weight_mask_rate", "0.5", "-0.1"], capsys)  # fmt: skip
     assert code == 2 and "must be in [0, 1]" in err

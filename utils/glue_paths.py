@@ -57,9 +57,38 @@ def save_model_name(language_model_name: str, learning_rate: float, run: int = 0
     return glue_model_name(model_short_name(language_model_name), learning_rate, run)
 
 
-def chosen_learning_rate(task: str, language_model_name: str, learning_rate: float | None = None) -> float:
-    """An explicit ``learning_rate`` wins; otherwise the authors' rate for bert-base-uncased / roberta-base;
-    otherwise the training default 1e-5."""
+def learning_rates(value: str) -> float | dict[str, float]:
+    """``--learning_rate`` of the evaluation and merge scripts: one rate (``5e-4``) for every task, or one per
+    task (``sst2=5e-4,qnli=1e-4``), as the authors' table gives per task for bert-base / roberta-base. An
+    ``argparse`` type: a malformed value is one error line, exit 2."""
+    import argparse
+
+    try:
+        if "=" not in value:
+            return float(value)
+        pairs = [item.split("=") for item in value.split(",")]
+        if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+            raise ValueError
+        rates = {task.strip(): float(rate) for task, rate in pairs}
+        if len(rates) != len(pairs):
+            raise ValueError
+        return rates
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a learning rate (5e-4) nor one per task (sst2=5e-4,qnli=1e-4, each task once)"
+        ) from None
+
+
+def chosen_learning_rate(
+    task: str, language_model_name: str, learning_rate: float | dict[str, float] | None = None
+) -> float:
+    """An explicit ``learning_rate`` wins (one per task: the task's, and a task it does not name is a
+    :class:`UserError`); otherwise the authors' rate for bert-base-uncased / roberta-base; otherwise the
+    training default 1e-5."""
+    if isinstance(learning_rate, dict):
+        if task not in learning_rate:
+            raise UserError(f"--learning_rate names no rate for {task} (given: {sorted(learning_rate)})")
+        return float(learning_rate[task])
     if learning_rate is not None:
         return float(learning_rate)
     return DATASET_MODEL_LEARNING_RATE.get(

@@ -103,9 +103,9 @@ def glue_model_name(model_short_name: str, learning_rate: float, run: int = 0) -
     return name if run == 0 else f"{name}_run{run}"
 
 
-def glue_summary_name(model_short_name: str, learning_rate: float | None, suffix: str) -> str:
-    """A summary across tasks (whose learning rates may differ): the lr appears only when given explicitly."""
-    lr = "" if learning_rate is None else f"_lr{float(learning_rate)}"
+def glue_summary_name(model_short_name: str, learning_rate: float | dict | None, suffix: str) -> str:
+    """A summary across tasks (whose learning rates may differ): the lr appears only when one was given for all."""
+    lr = "" if learning_rate is None or isinstance(learning_rate, dict) else f"_lr{float(learning_rate)}"
     return f"{model_short_name}{lr}{suffix}"
 
 
