@@ -72,6 +72,11 @@ def test_glue_story_ci_size_and_cache(tmp_path):
     models = _rows(out / "glue_models.csv")
     assert [r["task"] for r in models] == tasks
     assert [r["metric"] for r in models] == ["accuracy", "averaged_scores", "accuracy", "accuracy"]
+    # a learning rate per task (the CI size: 1e-3 for the single-sentence tasks, 5e-4 for the re-splits), found by
+    # the DARE and merge scripts through --learning_rate sst2=0.001,...
+    folders = sorted(f"{p.parent.name}/{p.name}" for p in out.glob("runs/*/models/*/tiny-bert_lr*"))
+    assert folders == ["mnli/tiny-bert_lr0.0005", "qnli/tiny-bert_lr0.0005", "sst2/tiny-bert_lr0.001",
+                       "stsb/tiny-bert_lr0.001"]  # fmt: skip
     dare = _rows(out / "glue_dare.csv")
     assert list(dare[0]) == [
         "task",
