@@ -60,7 +60,7 @@ def save_model_name(language_model_name: str, learning_rate: float, run: int = 0
 def learning_rates(value: str) -> float | dict[str, float]:
     """``--learning_rate`` of the evaluation and merge scripts: one rate (``5e-4``) for every task, or one per
     task (``sst2=5e-4,qnli=1e-4``), as the authors' table gives per task for bert-base / roberta-base. An
-    ``argparse`` type: a malformed value is one error line, exit 2."""
+    ``argparse`` type: a malformed value is argparse's usage and error line, exit 2."""
     import argparse
 
     try:
