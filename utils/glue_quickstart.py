@@ -17,7 +17,7 @@
    and left out: at this scale the fine-tuned models did not beat their majority class (CoLA MCC 0.03-0.13, MRPC at
    the majority, RTE at chance).
 4. **DARE sweep** with ``inference_plms_glue.py``: p = 0 / 0.5 / 0.9 / 0.99 (DARE: drop + rescale), DropOnly and
-   magnitude pruning at 0.9, mean of three mask seeds.
+   magnitude pruning at 0.9, mean of two mask seeds.
 5. **Merging** with ``merge_plms_glue.py``'s run object: pairs in a cycle through the tasks (each task once as the
    source, once as the target) and all four tasks at once, with every method of the method registry and DARE + each,
    on reduced grids (selection on the validation split).
@@ -90,14 +90,14 @@ SIZES: dict[str, StorySize] = {
         vocab_size=6000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
         pretrain_steps=1200, pretrain_batch_size=64, pretrain_lr=2e-3, pretrain_block=64, pair_repeats=2,
         learning_rates={"sst2": 5e-4, "stsb": 5e-4, "qnli": 1e-4, "mnli": 1e-4},
-        epochs={"sst2": 1, "stsb": 4, "qnli": 6, "mnli": 6},
+        epochs={"sst2": 1, "stsb": 2, "qnli": 6, "mnli": 6},
         max_train_samples={"sst2": 12000, "stsb": None, "qnli": None, "mnli": None},
         max_eval_samples=2000, batch_size=32, max_seq_length=64,  # every test row (STS-B's dev is sorted by genre)
         merge_grids={"scaling_coefficient": [0.5, 1.0], "param_value_mask_rate": [0.8],
                      "fisher_scaling_coefficients": [1.0], "nums_fisher_examples": [256],
                      "nums_regmean_examples": [256], "reduce_non_diagonal_ratio": [0.9],
                      "weight_mask_rate": [0.5, 0.9], "slerp_t": [0.5], "tall_mask_lambda": [0.4]},
-        merge_selection_samples=300,
+        merge_selection_samples=150, dare_seeds=(0, 1),  # the first run within 15 minutes on 2 cores
     ),
     "ci": StorySize(
         tasks=("sst2", "stsb", "qnli", "mnli"),
