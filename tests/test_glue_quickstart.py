@@ -139,3 +139,29 @@ def test_glue_story_bad_arguments(tmp_path, capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.count("\n") == 1 and fragment in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize(
+    ("better", "worse", "expected"), [(20, 18, False), (30, 10, True), (10, 30, False), (0, 0, False)]
+)
+def test_dare_plus_x_verdict_is_a_sign_test(better, worse, expected):
+    """'DARE + X beats X' reproduces only when DARE + X wins significantly more (pair, method) cases than it loses:
+    20 better / 18 worse (the story's seed-0 count) is not evidence. p-value checked against the binomial sum."""
+    from math import comb
+
+    from utils.glue_quickstart import findings_from
+
+    pairs = []
+    for i, d in enumerate([0.01] * better + [-0.01] * worse + [0.0] * 2):
+        pairs.append({"dare": False, "method": "m", "source": f"s{i}", "target": "t", "score": 0.5})
+        pairs.append({"dare": True, "method": "mask_merging", "base_method": "m", "source": f"s{i}", "target": "t",
+                      "score": 0.5 + d})  # fmt: skip
+    f = findings_from(None, [], pairs, [], [])["dare_plus_x_beats_x"]
+    assert (f["pairwise"]["better"], f["pairwise"]["worse"], f["pairwise"]["equal"]) == (better, worse, 2)
+    assert f["reproduces"] is expected
+    n, k = better + worse, min(better, worse)
+    if n:
+        two_sided = min(1.0, 2 * sum(comb(n, j) for j in range(k + 1)) / 2**n)
+        assert f["pairwise"]["sign_test_p"] == pytest.approx(two_sided)
+    else:
+        assert f["pairwise"]["sign_test_p"] is None

@@ -735,6 +735,8 @@ def build_summary(size, finetuned, majority, dare, pairs, alls) -> dict:
 
 def findings_from(size, retention, pairs, alls, models, margin_kept=()) -> dict:
     """The paper's two encoder findings, checked on these numbers."""
+    from scipy.stats import binomtest
+
     keep = {r["task"]: r.get("DARE 0.9") for r in retention}
     margin = {r["task"]: r.get("DARE 0.9") for r in margin_kept}
     keeps_09 = all(v is not None and v >= 0.95 for v in keep.values())
@@ -753,16 +755,20 @@ def findings_from(size, retention, pairs, alls, models, margin_kept=()) -> dict:
             if plain and a["mean"] is not None and plain["mean"] is not None:
                 all_beats[a["base_method"]] = a["mean"] - plain["mean"]
     margins = {m["task"]: m["margin"] for m in models}
+    better, worse = sum(d > 0 for d in beats), sum(d < 0 for d in beats)
+    # two-sided sign test over the (pair, method) cases, ties left out: 20 better / 18 worse is a coin's outcome
+    sign_p = float(binomtest(better, better + worse).pvalue) if better + worse else None
     return {
         "dare_keeps_up_to_0.9": {"per_task_share_at_0.9": keep, "per_task_margin_kept_at_0.9": margin,
                                  "reproduces": keeps_09,
                                  "rule": "mean DARE score at p = 0.9 ≥ 95% of the fine-tuned score on every task"},
         "dare_plus_x_beats_x": {
-            "pairwise": {"better": sum(d > 0 for d in beats), "equal": sum(d == 0 for d in beats),
-                         "worse": sum(d < 0 for d in beats), "mean_difference": _mean(beats)},
+            "pairwise": {"better": better, "equal": sum(d == 0 for d in beats), "worse": worse,
+                         "mean_difference": _mean(beats), "sign_test_p": sign_p},
             "all_tasks_mean_difference": all_beats,
-            "reproduces": bool(beats) and sum(d > 0 for d in beats) > sum(d < 0 for d in beats),
-            "rule": "DARE + X scores above X (same settings) in more cases than below",
+            "reproduces": sign_p is not None and better > worse and sign_p < 0.05,
+            "rule": "pairwise, DARE + X scores above X (same settings) in more cases than below, and a two-sided "
+                    "sign test over those cases gives p < 0.05",
         },
         "finetuned_beat_majority": {"margins": margins, "all": all(m is not None and m > 0.05 for m in margins.values())},
     }  # fmt: skip
